@@ -1,0 +1,52 @@
+//! The per-CPU loss and activity counters every program keeps (`rover_common::counter`).
+
+use aya::maps::{MapData, PerCpuArray};
+use rover_common::counter;
+
+use super::Error;
+
+/// Totals since the program was loaded, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Program runs (on-CPU: samples on any CPU, targeted or not).
+    pub seen: u64,
+    /// Samples of idle CPUs.
+    pub idle: u64,
+    /// Samples or episodes added to the aggregates (what drains must sum to).
+    pub recorded: u64,
+    pub kernel_stack_lost: u64,
+    pub user_stack_lost: u64,
+    /// Samples dropped entirely because the aggregate map was full.
+    pub aggregate_full: u64,
+    /// Samples of kernel threads (no user stack).
+    pub kernel_only: u64,
+    pub user_stack_truncated: u64,
+}
+
+impl Counters {
+    pub(super) fn read(map: &PerCpuArray<MapData, u64>) -> Result<Self, Error> {
+        let total = |index: u32| -> Result<u64, Error> {
+            let per_cpu = map.get(&index, 0).map_err(|source| Error::Map {
+                map: "COUNTERS",
+                operation: "lookup",
+                source,
+            })?;
+            Ok(per_cpu.iter().sum())
+        };
+        Ok(Self {
+            seen: total(counter::SAMPLES_SEEN)?,
+            idle: total(counter::SAMPLES_IDLE)?,
+            recorded: total(counter::RECORDED)?,
+            kernel_stack_lost: total(counter::KERNEL_STACK_LOST)?,
+            user_stack_lost: total(counter::USER_STACK_LOST)?,
+            aggregate_full: total(counter::AGGREGATE_FULL)?,
+            kernel_only: total(counter::KERNEL_ONLY)?,
+            user_stack_truncated: total(counter::USER_STACK_TRUNCATED)?,
+        })
+    }
+
+    /// Samples lost in any way (entirely or a stack of them).
+    pub fn losses(&self) -> u64 {
+        self.kernel_stack_lost + self.user_stack_lost + self.aggregate_full
+    }
+}

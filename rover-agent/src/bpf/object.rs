@@ -1,0 +1,18 @@
+//! The eBPF objects built by `build.rs` and embedded in the agent binary.
+
+use super::Error;
+
+/// The on-CPU sampler (`rover-ebpf/src/bin/oncpu.rs`).
+pub(super) fn oncpu() -> Result<&'static [u8], Error> {
+    embedded(
+        "oncpu",
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oncpu")),
+    )
+}
+
+fn embedded(object: &'static str, bytes: &'static [u8]) -> Result<&'static [u8], Error> {
+    if bytes.is_empty() {
+        return Err(Error::ObjectNotEmbedded { object });
+    }
+    Ok(bytes)
+}

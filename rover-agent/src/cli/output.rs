@@ -1,0 +1,173 @@
+//! Where a profile goes: format choice, an early writability check, an atomic write.
+
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::ValueEnum;
+
+use crate::profile::{FlameGraphSvg, Folded, Pprof, Profile, ProfileExporter, Weight};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Folded stacks, one `process;frame;...;leaf count` line per stack.
+    Folded,
+    /// An SVG flame graph.
+    Svg,
+    /// gzipped pprof protobuf (`go tool pprof`, Grafana, Pyroscope...).
+    Pprof,
+}
+
+impl Format {
+    fn from_path(path: &Path) -> Option<Self> {
+        let name = path.file_name()?.to_str()?;
+        if name.ends_with(".svg") {
+            Some(Self::Svg)
+        } else if name.ends_with(".pb.gz") || name.ends_with(".pprof") || name.ends_with(".pb") {
+            Some(Self::Pprof)
+        } else if name.ends_with(".folded") || name.ends_with(".txt") {
+            Some(Self::Folded)
+        } else {
+            None
+        }
+    }
+}
+
+/// A destination checked before profiling starts, so a bad path fails in a second rather
+/// than after the whole profile.
+pub(super) struct Output {
+    format: Format,
+    destination: Destination,
+}
+
+enum Destination {
+    Stdout,
+    /// Written to a temporary file beside `path`, renamed over it when complete.
+    File {
+        path: PathBuf,
+        temporary: tempfile::NamedTempFile,
+    },
+}
+
+impl Output {
+    pub(super) fn prepare(format: Option<Format>, path: Option<&Path>) -> anyhow::Result<Self> {
+        let format = format
+            .or_else(|| path.and_then(Format::from_path))
+            .unwrap_or(Format::Folded);
+        let path = match (path, format) {
+            (Some(path), _) => path.to_owned(),
+            (None, Format::Folded) => PathBuf::from("-"),
+            (None, Format::Svg) => PathBuf::from("profile.svg"),
+            (None, Format::Pprof) => PathBuf::from("profile.pb.gz"),
+        };
+        if path == Path::new("-") {
+            if format == Format::Pprof && is_terminal() {
+                anyhow::bail!("pprof output is binary: give --output FILE instead of a terminal");
+            }
+            return Ok(Self {
+                format,
+                destination: Destination::Stdout,
+            });
+        }
+        let directory = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let temporary = tempfile::Builder::new()
+            .prefix(".rover-profile")
+            .tempfile_in(directory)
+            .with_context(|| {
+                format!(
+                    "cannot write --output {}: creating a file in {} failed",
+                    path.display(),
+                    directory.display()
+                )
+            })?;
+        Ok(Self {
+            format,
+            destination: Destination::File { path, temporary },
+        })
+    }
+
+    /// Writes the profile and says where it went.
+    pub(super) fn write(
+        self,
+        profile: &Profile,
+        weight: &Weight,
+        title: &str,
+    ) -> anyhow::Result<String> {
+        let exporter: Box<dyn ProfileExporter> = match self.format {
+            Format::Folded => Box::new(Folded {
+                weight: weight.clone(),
+            }),
+            Format::Svg => Box::new(FlameGraphSvg {
+                weight: weight.clone(),
+                title: title.to_owned(),
+            }),
+            Format::Pprof => Box::new(Pprof),
+        };
+        let format = format!("{:?}", self.format).to_lowercase();
+        match self.destination {
+            Destination::Stdout => {
+                let mut stdout = io::stdout().lock();
+                exporter
+                    .export(profile, &mut stdout)
+                    .and_then(|()| stdout.flush())
+                    .context("writing the profile to stdout")?;
+                Ok(format!("wrote {format} to stdout"))
+            }
+            Destination::File {
+                path,
+                mut temporary,
+            } => {
+                exporter
+                    .export(profile, temporary.as_file_mut())
+                    .and_then(|()| temporary.as_file_mut().flush())
+                    .with_context(|| format!("writing the profile to {}", path.display()))?;
+                temporary.persist(&path).with_context(|| {
+                    format!("moving the profile into place at {}", path.display())
+                })?;
+                Ok(format!("wrote {format} to {}", path.display()))
+            }
+        }
+    }
+}
+
+fn is_terminal() -> bool {
+    use std::io::IsTerminal as _;
+    io::stdout().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_follows_the_extension_unless_given() {
+        assert_eq!(
+            Format::from_path(Path::new("a/flame.svg")),
+            Some(Format::Svg)
+        );
+        assert_eq!(
+            Format::from_path(Path::new("cpu.pb.gz")),
+            Some(Format::Pprof)
+        );
+        assert_eq!(
+            Format::from_path(Path::new("out.folded")),
+            Some(Format::Folded)
+        );
+        assert_eq!(Format::from_path(Path::new("noext")), None);
+    }
+
+    #[test]
+    fn an_unwritable_directory_fails_before_profiling() {
+        let error = Output::prepare(None, Some(Path::new("/nonexistent-dir/x.svg")))
+            .err()
+            .map(|error| format!("{error:#}"))
+            .unwrap_or_default();
+        assert!(
+            error.contains("cannot write --output /nonexistent-dir/x.svg"),
+            "{error}"
+        );
+    }
+}

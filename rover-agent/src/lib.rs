@@ -1,0 +1,11 @@
+//! rover-agent: an eBPF profiling node agent for Apache SkyWalking.
+//!
+//! Data flows `bpf` (kernel aggregates → raw stacks) → `symbolize` (addresses → frames) →
+//! `profile` (data model, file exporters); `task` wires them together; `cli` is the front end.
+
+pub mod bpf;
+pub mod cli;
+pub mod process;
+pub mod profile;
+pub mod symbolize;
+pub mod task;

@@ -1,0 +1,62 @@
+//! Builds the test workloads (tests/workloads) with frame pointers and without sibling-call
+//! optimization, so that every function the tests look for keeps its own frame.
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+const C_WORKLOADS: &[&str] = &["cpu_split", "busy_threads", "syscalls", "demo"];
+const RUST_WORKLOADS: &[&str] = &["rust_spin"];
+
+fn main() {
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let source_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("workloads");
+    println!("cargo:rerun-if-changed={}", source_dir.display());
+    println!("cargo:rustc-env=WORKLOAD_DIR={}", out_dir.display());
+
+    let compiler = cc::Build::new().get_compiler();
+    for name in C_WORKLOADS {
+        let mut command = compiler.to_command();
+        command
+            .args([
+                "-O1",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-fno-optimize-sibling-calls",
+                "-pthread",
+            ])
+            .arg(source_dir.join(format!("{name}.c")))
+            .arg("-o")
+            .arg(out_dir.join(name));
+        run(&mut command, name);
+    }
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    for name in RUST_WORKLOADS {
+        let mut command = Command::new(&rustc);
+        command
+            .args([
+                "--edition",
+                "2024",
+                "-C",
+                "opt-level=2",
+                "-C",
+                "force-frame-pointers=yes",
+                "-g",
+            ])
+            .arg(source_dir.join(format!("{name}.rs")))
+            .arg("-o")
+            .arg(out_dir.join(name));
+        run(&mut command, name);
+    }
+}
+
+fn run(command: &mut Command, name: &str) {
+    let status = command
+        .status()
+        .unwrap_or_else(|error| panic!("cannot run {command:?} to build workload {name}: {error}"));
+    assert!(
+        status.success(),
+        "building workload {name} failed: {command:?}"
+    );
+}

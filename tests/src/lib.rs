@@ -1,0 +1,202 @@
+//! Shared by the integration tests: BPF availability, serialization of tests that measure the
+//! machine, the workloads with known ground truth, the agent binary and folded-output parsing.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use rover_agent::bpf::check_privilege;
+
+pub mod pprof;
+
+/// Whether BPF can be used here. Outside CI a test that needs it returns early after a loud
+/// message; with `CI=true` it fails instead, so a broken CI machine cannot pass silently.
+pub fn bpf_available(test: &str) -> bool {
+    let problem = match check_privilege() {
+        Ok(privilege) => privilege.missing(),
+        Err(error) => Some(format!("cannot read capabilities: {error}")),
+    };
+    let Some(problem) = problem else {
+        return true;
+    };
+    if std::env::var("CI").is_ok_and(|value| value == "true") {
+        panic!("{test} needs BPF, which is unavailable in CI: {problem}");
+    }
+    eprintln!("\n*** SKIPPING {test}: it needs BPF ({problem}); run as root ***\n");
+    false
+}
+
+/// Holds an exclusive lock for tests that load BPF programs or measure the machine, so they
+/// never run beside each other (in this binary or another one).
+pub struct MachineLock(#[expect(dead_code, reason = "held for its lock")] File);
+
+pub fn machine_lock() -> MachineLock {
+    let path = std::env::temp_dir().join("rover-rs-integration-tests.lock");
+    let file =
+        File::create(&path).unwrap_or_else(|error| panic!("creating {}: {error}", path.display()));
+    file.lock()
+        .unwrap_or_else(|error| panic!("locking {}: {error}", path.display()));
+    MachineLock(file)
+}
+
+/// Path of a workload built by build.rs.
+pub fn workload_path(name: &str) -> PathBuf {
+    Path::new(env!("WORKLOAD_DIR")).join(name)
+}
+
+/// A running workload, killed when dropped.
+pub struct Workload {
+    child: Child,
+}
+
+impl Workload {
+    pub fn spawn(name: &str, args: &[&str]) -> Self {
+        let child = Command::new(workload_path(name))
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("starting workload {name}: {error}"));
+        // Let it get past exec and the dynamic loader before profiling starts.
+        std::thread::sleep(Duration::from_millis(200));
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the workload to exit by itself.
+    pub fn wait(mut self) {
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The rover-agent binary, built (once per test binary) with the profile of these tests.
+pub fn agent_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let mut build = escargot::CargoBuild::new()
+            .package("rover-agent")
+            .bin("rover-agent")
+            .manifest_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+        if !cfg!(debug_assertions) {
+            build = build.release();
+        }
+        build
+            .run()
+            .unwrap_or_else(|error| panic!("building rover-agent: {error}"))
+            .path()
+            .to_path_buf()
+    })
+}
+
+pub fn agent() -> Command {
+    Command::new(agent_binary())
+}
+
+/// What an agent run printed and returned.
+pub struct AgentRun {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn run_agent(command: &mut Command) -> AgentRun {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("running {command:?}: {error}"));
+    AgentRun {
+        success: output.status.success(),
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Folded stacks: `process;frame;...;leaf count` per line.
+pub struct Folded {
+    pub stacks: Vec<(Vec<String>, u64)>,
+}
+
+impl Folded {
+    pub fn parse(text: &str) -> Self {
+        let stacks = text
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                let (stack, count) = line
+                    .rsplit_once(' ')
+                    .unwrap_or_else(|| panic!("folded line without a count: {line}"));
+                let count = count
+                    .parse()
+                    .unwrap_or_else(|_| panic!("folded line with a bad count: {line}"));
+                (stack.split(';').map(str::to_owned).collect(), count)
+            })
+            .collect();
+        Self { stacks }
+    }
+
+    pub fn read(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()));
+        Self::parse(&text)
+    }
+
+    /// Total of the stacks of process `name` (the root frame).
+    pub fn process_total(&self, name: &str) -> u64 {
+        self.matching(|stack| stack.first().is_some_and(|root| root == name))
+    }
+
+    /// Total of the stacks of which some frame satisfies `frame`.
+    pub fn with_frame(&self, frame: impl Fn(&str) -> bool) -> u64 {
+        self.matching(|stack| stack.iter().any(|f| frame(f)))
+    }
+
+    pub fn matching(&self, stack: impl Fn(&[String]) -> bool) -> u64 {
+        self.stacks
+            .iter()
+            .filter(|(frames, _)| stack(frames))
+            .map(|(_, count)| count)
+            .sum()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.stacks.iter().map(|(_, count)| count).sum()
+    }
+}
+
+impl std::fmt::Display for Folded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (stack, count) in &self.stacks {
+            writeln!(f, "{} {count}", stack.join(";"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Asserts `actual` is within `tolerance` (a fraction) of `expected`, with context.
+pub fn assert_near(
+    actual: f64,
+    expected: f64,
+    tolerance: f64,
+    what: &str,
+    context: &dyn std::fmt::Display,
+) {
+    let low = expected * (1.0 - tolerance);
+    let high = expected * (1.0 + tolerance);
+    assert!(
+        (low..=high).contains(&actual),
+        "{what}: {actual} is not within ±{:.0}% of {expected} ([{low:.1}, {high:.1}])\n{context}",
+        tolerance * 100.0
+    );
+}

@@ -1,0 +1,283 @@
+//! On-CPU profiling against workloads with known ground truth, through the real CLI.
+
+use std::path::Path;
+use std::time::Duration;
+
+use integration_tests::{
+    Folded, Workload, agent, assert_near, bpf_available, machine_lock, run_agent,
+};
+use rover_agent::bpf::Targets;
+use rover_agent::symbolize::SymbolizerConfig;
+use rover_agent::task::{EndReason, OnCpuRequest, profile_on_cpu};
+
+const FREQUENCY_HZ: f64 = 99.0;
+
+fn cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1, usize::from) as f64
+}
+
+/// Profiles `pid` (or everything) for `seconds` into a folded file and parses it.
+fn profile_folded(target: &[&str], seconds: u32, dir: &Path) -> (Folded, String) {
+    let output = dir.join("profile.folded");
+    let run = run_agent(
+        agent()
+            .arg("profile")
+            .args(target)
+            .args(["--duration", &format!("{seconds}s"), "--output"])
+            .arg(&output),
+    );
+    assert!(run.success, "agent failed: {}", run.stderr);
+    (Folded::read(&output), run.stderr)
+}
+
+fn is(name: &'static str) -> impl Fn(&str) -> bool {
+    move |frame| frame == name
+}
+
+#[test]
+fn two_functions_split_three_to_one_and_sample_count_matches_frequency() {
+    if !bpf_available("two_functions_split_three_to_one") {
+        return;
+    }
+    let _lock = machine_lock();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let workload = Workload::spawn("cpu_split", &["8"]);
+    let pid = workload.pid().to_string();
+    let (folded, stderr) = profile_folded(&["--pid", &pid], 5, dir.path());
+    let context = format!("{folded}\n{stderr}");
+
+    let a = folded.with_frame(is("hot_a")) as f64;
+    let b = folded.with_frame(is("hot_b")) as f64;
+    assert!(a + b > 0.0, "no samples in hot_a/hot_b:\n{context}");
+    let share_a = a / (a + b);
+    assert!(
+        (0.70..=0.80).contains(&share_a),
+        "hot_a has {:.1}% of hot_a+hot_b, expected 75 ± 5 points\n{context}",
+        share_a * 100.0
+    );
+    let total = folded.process_total("cpu_split") as f64;
+    assert_near(
+        total,
+        FREQUENCY_HZ * 5.0,
+        0.10,
+        "samples of one busy thread",
+        &context,
+    );
+}
+
+#[test]
+fn busy_threads_fill_min_of_threads_and_cpus() {
+    if !bpf_available("busy_threads_fill_min_of_threads_and_cpus") {
+        return;
+    }
+    let _lock = machine_lock();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let threads = cpus() as usize + 1;
+    let workload = Workload::spawn("busy_threads", &[&threads.to_string(), "8"]);
+    let pid = workload.pid().to_string();
+    let (folded, stderr) = profile_folded(&["--pid", &pid], 5, dir.path());
+    let expected = FREQUENCY_HZ * 5.0 * (threads as f64).min(cpus());
+    let context = format!("{folded}\n{stderr}");
+    let total = folded.process_total("busy_threads") as f64;
+    assert_near(
+        total,
+        expected,
+        0.10,
+        &format!("samples of {threads} busy threads"),
+        &context,
+    );
+    assert!(
+        folded.with_frame(is("spin_thread")) as f64 >= 0.95 * total,
+        "samples outside spin_thread:\n{context}"
+    );
+}
+
+#[test]
+fn syscall_heavy_workload_shows_marked_kernel_frames_under_its_user_frames() {
+    if !bpf_available("syscall_heavy_workload_shows_kernel_frames") {
+        return;
+    }
+    let _lock = machine_lock();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let workload = Workload::spawn("syscalls", &["6"]);
+    let pid = workload.pid().to_string();
+    let (folded, stderr) = profile_folded(&["--pid", &pid], 3, dir.path());
+    let context = format!("{folded}\n{stderr}");
+    // Kernel frames come after (above) the user frame that made the system call.
+    let in_kernel_under_user = folded.matching(|stack| {
+        let Some(user) = stack.iter().position(|frame| frame == "make_syscalls") else {
+            return false;
+        };
+        let kernel = &stack[user + 1..];
+        !kernel.is_empty() && kernel.iter().all(|frame| frame.ends_with("_[k]"))
+    });
+    let total = folded.process_total("syscalls");
+    assert!(
+        in_kernel_under_user as f64 >= 0.3 * total as f64,
+        "only {in_kernel_under_user} of {total} samples have kernel frames under make_syscalls:\n{context}"
+    );
+    assert!(
+        folded.with_frame(|frame| frame.contains("sys_write") && frame.ends_with("_[k]")) > 0,
+        "no marked sys_write kernel frame:\n{context}"
+    );
+}
+
+#[test]
+fn rust_frames_are_demangled() {
+    if !bpf_available("rust_frames_are_demangled") {
+        return;
+    }
+    let _lock = machine_lock();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let workload = Workload::spawn("rust_spin", &["6"]);
+    let pid = workload.pid().to_string();
+    let (folded, stderr) = profile_folded(&["--pid", &pid], 2, dir.path());
+    let context = format!("{folded}\n{stderr}");
+    let demangled = folded.with_frame(|frame| {
+        frame.starts_with("rust_spin::engine::Spinner") && frame.ends_with("spin_for")
+    });
+    assert!(
+        demangled as f64 >= 0.8 * folded.total() as f64,
+        "spin_for not demangled in most samples:\n{context}"
+    );
+    assert!(
+        folded.with_frame(|frame| frame.starts_with("_ZN") || frame.starts_with("_R")) == 0,
+        "mangled names remain:\n{context}"
+    );
+}
+
+#[test]
+fn a_process_that_exits_before_the_profile_ends_is_still_symbolized() {
+    if !bpf_available("a_process_that_exits_before_the_profile_ends_is_still_symbolized") {
+        return;
+    }
+    let _lock = machine_lock();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Profile the whole host for 4 s; the workload lives for 3 of them.
+    let workload = Workload::spawn("cpu_split", &["3"]);
+    let (folded, stderr) = profile_folded(&["--all"], 4, dir.path());
+    workload.wait();
+    let context = format!("{stderr}\n{folded}");
+    let total = folded.process_total("cpu_split");
+    let named = folded.matching(|stack| {
+        stack.first().is_some_and(|root| root == "cpu_split")
+            && stack
+                .iter()
+                .any(|frame| frame == "hot_a" || frame == "hot_b")
+    });
+    assert!(
+        total as f64 > FREQUENCY_HZ * 2.0,
+        "too few cpu_split samples ({total}):\n{context}"
+    );
+    assert!(
+        named as f64 >= 0.95 * total as f64,
+        "only {named} of {total} samples of the exited process are symbolized:\n{context}"
+    );
+}
+
+#[test]
+fn target_exiting_mid_profile_still_writes_what_was_captured() {
+    if !bpf_available("target_exiting_mid_profile_still_writes_what_was_captured") {
+        return;
+    }
+    let _lock = machine_lock();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let workload = Workload::spawn("cpu_split", &["2"]);
+    let pid = workload.pid().to_string();
+    let started = std::time::Instant::now();
+    let (folded, stderr) = profile_folded(&["--pid", &pid], 30, dir.path());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the agent kept running after its only target exited"
+    );
+    assert!(stderr.contains("every target process exited"), "{stderr}");
+    assert!(
+        folded.with_frame(is("hot_a")) > 0,
+        "nothing captured:\n{folded}\n{stderr}"
+    );
+}
+
+#[test]
+fn svg_and_pprof_outputs_carry_the_profile() {
+    if !bpf_available("svg_and_pprof_outputs_carry_the_profile") {
+        return;
+    }
+    let _lock = machine_lock();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let workload = Workload::spawn("cpu_split", &["6"]);
+    let pid = workload.pid().to_string();
+    for output in ["flame.svg", "cpu.pb.gz"] {
+        let path = dir.path().join(output);
+        let run = run_agent(
+            agent()
+                .args(["profile", "--pid", &pid, "--duration", "2s", "--output"])
+                .arg(&path),
+        );
+        assert!(run.success, "{output}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("to {}", path.display())),
+            "{}",
+            run.stderr
+        );
+    }
+    let svg = std::fs::read_to_string(dir.path().join("flame.svg")).expect("svg written");
+    assert!(svg.starts_with("<?xml") && svg.contains("hot_a") && svg.contains("hot_b"));
+
+    let profile = integration_tests::pprof::read(&dir.path().join("cpu.pb.gz"));
+    let types: Vec<(String, String)> = profile
+        .sample_type
+        .iter()
+        .map(|t| (profile.string(t.r#type), profile.string(t.unit)))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("samples".to_owned(), "count".to_owned()),
+            ("cpu".to_owned(), "nanoseconds".to_owned())
+        ]
+    );
+    let hot_a = profile.samples_with_function("hot_a");
+    assert!(hot_a.0 > 0, "no pprof sample in hot_a");
+    // cpu nanoseconds = samples × period.
+    assert_eq!(hot_a.1, hot_a.0 * (1_000_000_000 / 99));
+}
+
+/// The drain scheme neither loses nor double-counts: with drains every 10 ms racing a 999 Hz
+/// sampler, the drained counts sum exactly to what the programs say they recorded.
+#[test]
+fn draining_loses_and_double_counts_nothing() {
+    if !bpf_available("draining_loses_and_double_counts_nothing") {
+        return;
+    }
+    let _lock = machine_lock();
+    let workload = Workload::spawn("busy_threads", &["2", "8"]);
+    let request = OnCpuRequest {
+        targets: Targets::Pids(vec![workload.pid()]),
+        duration: Duration::from_secs(3),
+        frequency_hz: 999,
+        drain_interval: Duration::from_millis(10),
+        symbolizer: SymbolizerConfig {
+            debug_info: false,
+            exited_process_grace: Duration::from_secs(60),
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let run = runtime
+        .block_on(profile_on_cpu(&request, std::future::pending()))
+        .expect("profiling runs");
+    assert_eq!(run.end, EndReason::Completed);
+    assert_eq!(run.counters.losses(), 0, "{:?}", run.counters);
+    assert!(
+        run.counters.recorded > 2000,
+        "too few samples to mean anything: {:?}",
+        run.counters
+    );
+    assert_eq!(
+        run.profile.total(0),
+        run.counters.recorded,
+        "drained counts differ from recorded samples"
+    );
+}

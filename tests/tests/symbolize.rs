@@ -1,0 +1,331 @@
+//! Symbolization of real processes: C and C++ fixtures compiled at test time, exited and
+//! deleted binaries, another mount namespace, kernel symbols.
+//!
+//! Tests that need root skip loudly without it, unless `CI=true`, where they fail instead.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rover_agent::profile::{Frame, FrameKind};
+use rover_agent::symbolize::{Symbolizer, SymbolizerConfig};
+
+const GRACE: Duration = Duration::from_secs(30);
+
+const C_FIXTURE: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+
+__attribute__((noinline)) int rover_fixture_work(int x) {
+    return x * 3 + 1;
+}
+
+int main(void) {
+    printf("%p\n", (void *)rover_fixture_work);
+    fflush(stdout);
+    volatile int sink = rover_fixture_work(1);
+    (void)sink;
+    sleep(600);
+    return 0;
+}
+"#;
+
+const CPP_FIXTURE: &str = r#"
+#include <cstdio>
+#include <unistd.h>
+
+namespace rover {
+namespace fixture {
+__attribute__((noinline)) int work(int x, const char *tag) {
+    return x * 2 + tag[0];
+}
+}
+}
+
+int main() {
+    std::printf("%p\n", reinterpret_cast<void *>(&rover::fixture::work));
+    std::fflush(stdout);
+    sleep(600);
+    return 0;
+}
+"#;
+
+/// Whether the test may run: true as root; otherwise skips loudly, or fails under `CI=true`.
+fn root_or_skip(test: &str) -> bool {
+    let euid = fs::metadata("/proc/self")
+        .map(|meta| meta.uid())
+        .expect("read /proc/self");
+    if euid == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} needs root (euid {euid}) and CI=true forbids skipping it"
+    );
+    eprintln!("\n!!!!!!!! SKIPPED {test}: needs root (euid {euid}); run it as root !!!!!!!!\n");
+    false
+}
+
+fn config() -> SymbolizerConfig {
+    SymbolizerConfig {
+        debug_info: true,
+        exited_process_grace: GRACE,
+    }
+}
+
+/// Compiles `source` (written as `name` in `dir`) with `compiler`; returns the binary.
+fn compile(dir: &Path, compiler: &str, name: &str, source: &str) -> PathBuf {
+    let source_path = dir.join(name);
+    fs::write(&source_path, source).expect("write fixture source");
+    let binary = dir.join("fixture");
+    let status = Command::new(compiler)
+        .args([
+            "-g",
+            "-O1",
+            "-fno-omit-frame-pointer",
+            "-Wl,--build-id",
+            "-o",
+        ])
+        .arg(&binary)
+        .arg(&source_path)
+        .status()
+        .unwrap_or_else(|error| panic!("run {compiler}: {error}"));
+    assert!(status.success(), "{compiler} failed: {status}");
+    binary
+}
+
+fn compile_c(dir: &Path) -> PathBuf {
+    compile(dir, "cc", "fixture.c", C_FIXTURE)
+}
+
+/// A running fixture that printed the address of its function; killed on drop.
+struct Fixture {
+    child: Child,
+    addr: u64,
+}
+
+impl Fixture {
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn fixture");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read fixture output");
+        let addr = u64::from_str_radix(line.trim().trim_start_matches("0x"), 16)
+            .unwrap_or_else(|error| panic!("fixture printed {line:?}: {error}"));
+        Self { child, addr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The stack of a sample in the function: the instruction, then a return address in it.
+    fn stack(&self) -> [u64; 2] {
+        [self.addr, self.addr + 1]
+    }
+
+    /// Kills the fixture and reaps it: its PID no longer exists afterwards.
+    fn exit(&mut self) {
+        // Already exited is fine: only the reaping matters.
+        let _ = self.child.kill();
+        self.child.wait().expect("reap fixture");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts that both frames of [`Fixture::stack`] name `function` in `module`.
+fn assert_named(frames: &[Frame], function: &str, module: &Path) {
+    assert_eq!(frames.len(), 2, "{frames:#?}");
+    for frame in frames {
+        assert_eq!(frame.kind, FrameKind::User);
+        assert_eq!(frame.function.as_deref(), Some(function), "{frames:#?}");
+        assert_eq!(frame.module.as_deref().map(Path::new), Some(module));
+        assert!(!frame.inlined);
+    }
+    // Addresses are file offsets of the original addresses.
+    assert_eq!(frames[1].address, frames[0].address + 1);
+}
+
+fn assert_c_fixture_named(frames: &[Frame], module: &Path) {
+    assert_named(frames, "rover_fixture_work", module);
+    assert!(
+        frames[0]
+            .file
+            .as_deref()
+            .is_some_and(|file| file.ends_with("fixture.c")),
+        "DWARF file: {frames:#?}"
+    );
+    assert!(
+        frames[0].line.is_some_and(|line| (5..=6).contains(&line)),
+        "DWARF line: {frames:#?}"
+    );
+}
+
+#[test]
+fn c_fixture_symbolizes_alive_and_after_exit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = compile_c(dir.path());
+    let mut fixture = Fixture::spawn(Command::new(&binary));
+    let pid = fixture.pid();
+    let mut symbolizer = Symbolizer::new(config());
+    symbolizer.observe_process(pid);
+    assert_c_fixture_named(&symbolizer.user_frames(pid, &fixture.stack()), &binary);
+
+    fixture.exit();
+    assert_c_fixture_named(&symbolizer.user_frames(pid, &fixture.stack()), &binary);
+
+    let now = Instant::now();
+    symbolizer.retire_exited(now);
+    assert_c_fixture_named(&symbolizer.user_frames(pid, &fixture.stack()), &binary);
+    symbolizer.retire_exited(now + GRACE);
+    assert_eq!(symbolizer.stats().open_binaries, 0, "binaries closed");
+    let frames = symbolizer.user_frames(pid, &fixture.stack());
+    assert!(frames.iter().all(|f| f.function.is_none()), "{frames:#?}");
+    assert_eq!(symbolizer.stats().unknown_frames, 2);
+}
+
+#[test]
+fn deleted_binary_symbolizes_alive_and_after_exit() {
+    if !root_or_skip("deleted_binary_symbolizes_alive_and_after_exit") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = compile_c(dir.path());
+    let mut fixture = Fixture::spawn(Command::new(&binary));
+    let pid = fixture.pid();
+    let mut seen_before = Symbolizer::new(config());
+    seen_before.observe_process(pid);
+
+    fs::remove_file(&binary).expect("delete fixture binary");
+    // First sees the process with its binary already deleted: only map_files reach it.
+    let mut seen_after = Symbolizer::new(config());
+    assert_c_fixture_named(&seen_after.user_frames(pid, &fixture.stack()), &binary);
+
+    fixture.exit();
+    assert_c_fixture_named(&seen_before.user_frames(pid, &fixture.stack()), &binary);
+    assert_c_fixture_named(&seen_after.user_frames(pid, &fixture.stack()), &binary);
+}
+
+#[test]
+fn binary_in_another_mount_namespace_symbolizes() {
+    if !root_or_skip("binary_in_another_mount_namespace_symbolizes") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = compile_c(dir.path());
+    let mount_point = tempfile::tempdir().expect("mount point");
+    let inner = mount_point.path().join("inner/fixture");
+    // A tmpfs mounted in a private mount namespace only: `inner` does not exist in ours.
+    let script = format!(
+        "mount -t tmpfs none '{mnt}' && mkdir '{mnt}/inner' && cp '{bin}' '{inner}' && exec '{inner}'",
+        mnt = mount_point.path().display(),
+        bin = binary.display(),
+        inner = inner.display(),
+    );
+    let mut command = Command::new("unshare");
+    command.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+    let mut fixture = Fixture::spawn(command);
+    assert!(!inner.exists(), "the binary must not be visible here");
+
+    let pid = fixture.pid();
+    let mut symbolizer = Symbolizer::new(config());
+    assert_c_fixture_named(&symbolizer.user_frames(pid, &fixture.stack()), &inner);
+    fixture.exit();
+    assert_c_fixture_named(&symbolizer.user_frames(pid, &fixture.stack()), &inner);
+}
+
+#[test]
+fn identical_binaries_share_one_open_file_and_cache() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = compile_c(dir.path());
+    // Another inode with the same build ID, as the same image in two containers.
+    let copy = dir.path().join("fixture-copy");
+    fs::copy(&binary, &copy).expect("copy fixture");
+    let first = Fixture::spawn(Command::new(&binary));
+    let second = Fixture::spawn(Command::new(&binary));
+    let copied = Fixture::spawn(Command::new(&copy));
+
+    let mut symbolizer = Symbolizer::new(config());
+    assert_c_fixture_named(
+        &symbolizer.user_frames(first.pid(), &first.stack()),
+        &binary,
+    );
+    let after_first = symbolizer.stats();
+    assert!(after_first.binaries_opened > 0);
+
+    assert_c_fixture_named(
+        &symbolizer.user_frames(second.pid(), &second.stack()),
+        &binary,
+    );
+    assert_c_fixture_named(
+        &symbolizer.user_frames(copied.pid(), &copied.stack()),
+        &copy,
+    );
+    let after_all = symbolizer.stats();
+    assert_eq!(after_all.binaries_opened, after_first.binaries_opened);
+    assert_eq!(after_all.open_binaries, after_first.open_binaries);
+    assert_eq!(after_all.symbol_lookups, after_first.symbol_lookups);
+}
+
+#[test]
+fn cpp_symbols_are_demangled() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = compile(dir.path(), "g++", "fixture.cpp", CPP_FIXTURE);
+    let fixture = Fixture::spawn(Command::new(&binary));
+    let mut symbolizer = Symbolizer::new(config());
+    let frames = symbolizer.user_frames(fixture.pid(), &fixture.stack());
+    assert_named(&frames, "rover::fixture::work(int, char const*)", &binary);
+}
+
+/// The address of a function symbol in `/proc/kallsyms`.
+fn kallsyms_function(name: &str) -> u64 {
+    let kallsyms = fs::read_to_string("/proc/kallsyms").expect("read /proc/kallsyms");
+    kallsyms
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (addr, kind, symbol) = (fields.next()?, fields.next()?, fields.next()?);
+            (symbol == name && matches!(kind, "t" | "T"))
+                .then(|| u64::from_str_radix(addr, 16).ok())?
+        })
+        .unwrap_or_else(|| panic!("{name} not in /proc/kallsyms"))
+}
+
+#[test]
+fn kernel_frames_come_from_kallsyms() {
+    if !root_or_skip("kernel_frames_come_from_kallsyms") {
+        return;
+    }
+    let schedule = kallsyms_function("schedule");
+    assert_ne!(schedule, 0, "kallsyms addresses hidden");
+    let mut symbolizer = Symbolizer::new(config());
+    // A return address just past the start of `schedule` is looked up inside it too.
+    let frames = symbolizer.kernel_frames(&[schedule, schedule + 1, 0x1]);
+    assert_eq!(frames.len(), 3, "{frames:#?}");
+    for frame in &frames {
+        assert_eq!(frame.kind, FrameKind::Kernel);
+        assert_eq!(frame.module.as_deref(), Some("[kernel.kallsyms]"));
+    }
+    assert_eq!(frames[0].function.as_deref(), Some("schedule"));
+    assert_eq!(frames[0].address, schedule);
+    assert_eq!(frames[1].function.as_deref(), Some("schedule"));
+    assert_eq!(frames[1].address, schedule + 1);
+    // Below every kernel symbol.
+    assert_eq!(frames[2].function, None);
+    assert_eq!(frames[2].address, 0x1);
+    assert_eq!(symbolizer.stats().unknown_frames, 1);
+}

@@ -1,0 +1,126 @@
+//! Project commands: `cargo xtask setup | test | demo | bench ...`.
+
+mod bench;
+mod demo;
+mod setup;
+mod workloads;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "rover-rs project commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF programs needs (nightly rust-src, bpf-linker); idempotent.
+    Setup,
+    /// Run every check and test: formatting, clippy, unit, BPF integration and protocol tests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Profile a bundled demo workload for a few seconds and write a flame graph.
+    Demo {
+        /// Where to write the flame graph.
+        #[arg(long, default_value = "demo.svg")]
+        output: PathBuf,
+    },
+    /// Measure the agent's overhead against reference tools, side by side.
+    Bench {
+        #[command(subcommand)]
+        bench: bench::Bench,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Demo { output } => demo::run_demo(&output),
+        Task::Bench { bench } => bench::run(bench),
+    }
+}
+
+fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    let root = workspace_root();
+    run(cargo(&root).args(["fmt", "--all", "--", "--check"]))
+        .context("formatting differs: run `cargo fmt --all`")?;
+    // The default members (everything but the eBPF crate, which only builds for BPF)...
+    run(cargo(&root).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // ...and the eBPF crate on its own target with nightly.
+    run(Command::new("rustup")
+        .current_dir(&root)
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "rover-ebpf",
+            "--release",
+        ])
+        .args([
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    // Tests that measure the machine serialize themselves (tests/src/lib.rs); cargo runs test
+    // binaries one after another.
+    run(cargo(&root)
+        .args(["test", "--release", "--"])
+        .args(cargo_test_args))
+}
+
+/// The repository root (xtask lives one level below it).
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub(crate) fn cargo(root: &Path) -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    command.current_dir(root);
+    command
+}
+
+/// Runs a command to completion, failing with its command line if it fails.
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, failing with its stderr if it fails.
+pub(crate) fn output(command: &mut Command) -> anyhow::Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
