@@ -5,7 +5,17 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-const C_WORKLOADS: &[&str] = &["cpu_split", "busy_threads", "syscalls", "demo"];
+const C_WORKLOADS: &[&str] = &[
+    "cpu_split",
+    "busy_threads",
+    "syscalls",
+    "demo",
+    "sleeper",
+    "lock_contention",
+    "cpu_bound",
+    "pingpong",
+    "thread_churn",
+];
 const RUST_WORKLOADS: &[&str] = &["rust_spin"];
 
 fn main() {
@@ -20,7 +30,7 @@ fn main() {
         let mut command = compiler.to_command();
         command
             .args([
-                "-O1",
+                "-O0",
                 "-g",
                 "-fno-omit-frame-pointer",
                 "-fno-optimize-sibling-calls",

@@ -4,8 +4,12 @@
 //! bytes. No `bool` (its bit patterns are not all valid), sizes asserted at compile time.
 #![no_std]
 
-/// Deepest stack (user or kernel) recorded; deeper stacks are truncated (and counted).
+/// Deepest user stack recorded; deeper stacks are truncated (and counted).
 pub const MAX_STACK_FRAMES: usize = 127;
+
+/// Deepest kernel stack recorded (kernel stacks are far shallower than user ones; capturing
+/// fewer frames saves zero-filling the rest of the buffer on every capture).
+pub const MAX_KERNEL_FRAMES: usize = 64;
 
 /// Stack reference of a sample that has no such stack: no user stack for kernel threads, no
 /// kernel stack for samples that interrupted user mode.
@@ -21,10 +25,14 @@ pub const FIRST_STACK_HASH: u64 = 2;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
     pub tgid: u32,
-    pub _pad: u32,
+    /// `STACK_FLAG_*` bits.
+    pub flags: u32,
     pub user_stack: u64,
     pub kernel_stack: u64,
 }
+
+/// `StackKey::flags`: the off-CPU episode was involuntary (preempted while runnable).
+pub const STACK_FLAG_PREEMPTED: u32 = 1;
 
 /// A captured stack, innermost frame first: `frames[0]` is the interrupted instruction (on-CPU)
 /// or the innermost return address; `len` of the frames are valid, the rest is stale.
@@ -35,16 +43,49 @@ pub struct StackFrames {
     pub frames: [u64; MAX_STACK_FRAMES],
 }
 
-/// Per-stack off-CPU aggregate.
+/// Per-stack off-CPU aggregate. With sampling, `switches` and `off_cpu_ns` cover the kept
+/// episodes and are scaled by 1/p in user space; `capture_ns` is not scaled.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OffCpuValue {
     pub switches: u64,
+    /// Off-CPU time, without the stack capture time below.
     pub off_cpu_ns: u64,
+    /// Time the switch-out program spent capturing stacks (sampled mode only): off-CPU time
+    /// that only kept episodes have, so it is added back unscaled.
+    pub capture_ns: u64,
 }
 
-/// Slot of the `CONTROL` array map holding the generation (0 or 1) programs write to.
-pub const CONTROL_GENERATION: u32 = 0;
+/// Off-CPU state of one target thread, keyed by the task's address: the episode opened at its
+/// last switch-out (closed again at its switch-in, when the kernel stack is read: it does not
+/// change while the thread is switched out), and the stacks of its previous episode. The entry
+/// lives until the thread dies, so switches update it in place instead of inserting and
+/// deleting.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCpuThread {
+    /// When the thread was switched out (`bpf_ktime_get_ns` at the top of the program);
+    /// 0 when no episode is open.
+    pub start_ns: u64,
+    /// How long the user stack capture took (sampled mode only).
+    pub capture_ns: u64,
+    pub user_stack: u64,
+    /// The stacks of the previous episode and the epoch they were stored in: an equal stack in
+    /// the same epoch need not be looked up in the stack map again.
+    pub last_user_stack: u64,
+    pub last_kernel_stack: u64,
+    pub last_user_epoch: u32,
+    pub last_kernel_epoch: u32,
+    pub tgid: u32,
+    /// The thread, for user space to find entries of threads that vanished.
+    pub tid: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Slot of the `CONTROL` array map holding the epoch: user space increments it at every drain;
+/// programs write to the maps of generation `epoch & 1`.
+pub const CONTROL_EPOCH: u32 = 0;
 pub const CONTROL_SLOTS: u32 = 1;
 
 /// Indices into the per-CPU `COUNTERS` array: every sample or episode that is not fully recorded
@@ -64,15 +105,25 @@ pub mod counter {
     pub const AGGREGATE_FULL: u32 = 5;
     /// Samples of threads without user space (kernel threads).
     pub const KERNEL_ONLY: u32 = 6;
-    /// User stacks deeper than `MAX_STACK_FRAMES` (kept, truncated).
-    pub const USER_STACK_TRUNCATED: u32 = 7;
+    /// Stacks deeper than `MAX_STACK_FRAMES` (user) or `MAX_KERNEL_FRAMES` (kernel), kept
+    /// truncated.
+    pub const STACK_TRUNCATED: u32 = 7;
+    /// Off-CPU: a switch-out could not be recorded because the per-thread map was full.
+    pub const THREAD_MAP_FULL: u32 = 8;
+    /// Off-CPU: switch-outs of targets not kept by sampling (not losses).
+    pub const NOT_SAMPLED: u32 = 9;
+    /// Off-CPU: episodes shorter than the minimum block time (not losses).
+    pub const TOO_SHORT: u32 = 10;
+    /// Off-CPU: involuntary switch-outs left out on request (not losses).
+    pub const PREEMPT_EXCLUDED: u32 = 11;
     /// Number of slots in the map.
     pub const SLOTS: u32 = 16;
 }
 
 const _: () = assert!(core::mem::size_of::<StackKey>() == 24);
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 * (MAX_STACK_FRAMES + 1));
-const _: () = assert!(core::mem::size_of::<OffCpuValue>() == 16);
+const _: () = assert!(core::mem::size_of::<OffCpuValue>() == 24);
+const _: () = assert!(core::mem::size_of::<OffCpuThread>() == 64);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -80,4 +131,5 @@ mod pod {
     unsafe impl aya::Pod for super::StackKey {}
     unsafe impl aya::Pod for super::StackFrames {}
     unsafe impl aya::Pod for super::OffCpuValue {}
+    unsafe impl aya::Pod for super::OffCpuThread {}
 }

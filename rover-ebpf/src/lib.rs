@@ -11,20 +11,93 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_NOEXIST, pt_regs},
+    bindings::{BPF_NOEXIST, pt_regs, task_struct},
+    cty::c_void,
     helpers::{
-        bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_task_btf, bpf_get_stack, bpf_get_task_stack, bpf_probe_read_user,
         bpf_task_pt_regs,
     },
     maps::{Array, HashMap, PerCpuArray},
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use rover_common::{
-    CONTROL_GENERATION, FIRST_STACK_HASH, LOST_STACK, MAX_STACK_FRAMES, NO_STACK, StackFrames,
-    counter,
+    CONTROL_EPOCH, FIRST_STACK_HASH, LOST_STACK, MAX_KERNEL_FRAMES, MAX_STACK_FRAMES, NO_STACK,
+    StackFrames, counter,
 };
 
 const EEXIST: i32 = 17;
+
+/// Declares what every profiling program has, the names user space (`bpf/`) looks up: the
+/// `TARGET_ALL` global, the target filter, the epoch, the counters, the stack scratch buffer
+/// and two generations of aggregates (with values `$value`) and stacks (see
+/// `rover-agent/src/bpf/aggregates.rs`). The maps are preallocated (allocating in tracing
+/// contexts can fail) and sized by user space at load time.
+#[macro_export]
+macro_rules! profiler_maps {
+    ($value:ty) => {
+        /// Set at load time: non-zero to record every process, zero for those in `TARGETS`.
+        #[unsafe(no_mangle)]
+        static TARGET_ALL: u8 = 0;
+        #[aya_ebpf::macros::map]
+        static TARGETS: aya_ebpf::maps::HashMap<u32, u8> =
+            aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
+        #[aya_ebpf::macros::map]
+        static RECENT_TARGET: aya_ebpf::maps::PerCpuArray<u32> =
+            aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+        #[aya_ebpf::macros::map]
+        static CONTROL: aya_ebpf::maps::Array<u32> =
+            aya_ebpf::maps::Array::with_max_entries(rover_common::CONTROL_SLOTS, 0);
+        #[aya_ebpf::macros::map]
+        static COUNTERS: aya_ebpf::maps::PerCpuArray<u64> =
+            aya_ebpf::maps::PerCpuArray::with_max_entries(rover_common::counter::SLOTS, 0);
+        #[aya_ebpf::macros::map]
+        static SCRATCH: aya_ebpf::maps::PerCpuArray<rover_common::StackFrames> =
+            aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+        #[aya_ebpf::macros::map]
+        static COUNTS_0: aya_ebpf::maps::HashMap<rover_common::StackKey, $value> =
+            aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
+        #[aya_ebpf::macros::map]
+        static COUNTS_1: aya_ebpf::maps::HashMap<rover_common::StackKey, $value> =
+            aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
+        #[aya_ebpf::macros::map]
+        static STACKS_0: aya_ebpf::maps::HashMap<u64, rover_common::StackFrames> =
+            aya_ebpf::maps::HashMap::with_max_entries(2048, 0);
+        #[aya_ebpf::macros::map]
+        static STACKS_1: aya_ebpf::maps::HashMap<u64, rover_common::StackFrames> =
+            aya_ebpf::maps::HashMap::with_max_entries(2048, 0);
+
+        /// The target filter of this program.
+        #[inline(always)]
+        fn targets() -> $crate::TargetFilter<'static> {
+            $crate::TargetFilter {
+                // SAFETY: a global written only at load time.
+                all: unsafe { core::ptr::read_volatile(&TARGET_ALL) } != 0,
+                targets: &TARGETS,
+                recent: &RECENT_TARGET,
+            }
+        }
+
+        /// The aggregate map and stack store of the current epoch.
+        #[inline(always)]
+        fn generation(
+            epoch: u32,
+        ) -> (
+            &'static aya_ebpf::maps::HashMap<rover_common::StackKey, $value>,
+            $crate::StackStore<'static>,
+        ) {
+            let (counts, stacks) = match epoch & 1 {
+                0 => (&COUNTS_0, &STACKS_0),
+                _ => (&COUNTS_1, &STACKS_1),
+            };
+            let store = $crate::StackStore {
+                scratch: &SCRATCH,
+                stacks,
+                counters: &COUNTERS,
+            };
+            (counts, store)
+        }
+    };
+}
 
 /// Adds `n` to the per-CPU counter `index`. Per-CPU slots need no atomics: a program never
 /// runs twice at once on one CPU.
@@ -46,19 +119,43 @@ pub unsafe fn atomic_add(dst: *mut u64, n: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(dst, n) };
 }
 
-/// The generation (0 or 1) whose maps programs write to; user space flips it to drain.
+/// The current epoch: its low bit selects the generation of maps programs write to.
 #[inline(always)]
-pub fn generation(control: &Array<u32>) -> u32 {
-    match control.get(CONTROL_GENERATION) {
-        Some(&generation) => generation & 1,
-        None => 0,
-    }
+pub fn epoch(control: &Array<u32>) -> u32 {
+    control.get(CONTROL_EPOCH).copied().unwrap_or(0)
 }
 
-/// Whether samples of `tgid` are wanted: every process when `all` is set, else those in `targets`.
-#[inline(always)]
-pub fn is_target(all: bool, targets: &HashMap<u32, u8>, tgid: u32) -> bool {
-    all || targets.get_ptr(tgid).is_some()
+/// The target filter: every process when `all` is set, else the TGIDs in `targets`. The last
+/// target seen on each CPU is remembered in `recent` (targets are only ever added, so it cannot
+/// go stale): a thread switching many times in a row skips the hash lookup.
+pub struct TargetFilter<'a> {
+    pub all: bool,
+    pub targets: &'a HashMap<u32, u8>,
+    pub recent: &'a PerCpuArray<u32>,
+}
+
+impl TargetFilter<'_> {
+    #[inline(always)]
+    pub fn contains(&self, tgid: u32) -> bool {
+        if self.all {
+            return true;
+        }
+        let recent = self.recent.get_ptr_mut(0);
+        if let Some(recent) = recent
+            // SAFETY: a per-CPU slot only this CPU touches.
+            && unsafe { *recent } == tgid
+        {
+            return true;
+        }
+        if self.targets.get_ptr(tgid).is_none() {
+            return false;
+        }
+        if let Some(recent) = recent {
+            // SAFETY: as above.
+            unsafe { *recent = tgid };
+        }
+        true
+    }
 }
 
 /// Finds the value of `key` in `map`, inserting `init` first if it is absent. `None` means the
@@ -83,50 +180,53 @@ fn mix(hash: u64, word: u64) -> u64 {
     hash ^ (hash >> 29)
 }
 
-/// Stores `trace` in `stacks` under the hash of its frames and returns that hash, or
-/// [`LOST_STACK`] (counted in `lost_counter`) if the map is full.
+/// Hashes the frames of a kernel stack whose buffer is zero past `len` (as the stack helpers
+/// leave it), eight frames at a time: the loop ends soon after the stack does, and has few enough
+/// exits for the verifier to check what follows once per exit.
 #[inline(always)]
-fn store(
-    stacks: &HashMap<u64, StackFrames>,
-    counters: &PerCpuArray<u64>,
-    lost_counter: u32,
-    trace: &StackFrames,
-    seed: u64,
-) -> u64 {
-    let mut hash = seed;
+fn hash_filled_frames(trace: &StackFrames, seed: u64) -> u64 {
+    const BLOCK: usize = 8;
     let len = trace.len as usize;
-    for i in 0..MAX_STACK_FRAMES {
-        if i >= len {
+    let mut hash = seed;
+    for block in 0..MAX_KERNEL_FRAMES.div_ceil(BLOCK) {
+        if block * BLOCK >= len {
             break;
         }
-        if let Some(&frame) = trace.frames.get(i) {
-            hash = mix(hash, frame);
+        for i in block * BLOCK..block * BLOCK + BLOCK {
+            if let Some(&frame) = trace.frames.get(i) {
+                hash = mix(hash, frame);
+            }
         }
     }
-    // Keep clear of the sentinels.
-    let hash = if hash < FIRST_STACK_HASH {
+    hash
+}
+
+/// A stack hash kept clear of the sentinels.
+#[inline(always)]
+fn stack_reference(hash: u64) -> u64 {
+    if hash < FIRST_STACK_HASH {
         hash + FIRST_STACK_HASH
     } else {
         hash
-    };
-    if stacks.get_ptr(hash).is_some() {
-        return hash;
-    }
-    match stacks.insert(hash, trace, BPF_NOEXIST.into()) {
-        Ok(()) => hash,
-        Err(error) if error == -EEXIST => hash,
-        Err(_) => {
-            count(counters, lost_counter, 1);
-            LOST_STACK
-        }
     }
 }
 
 const KERNEL_SEED: u64 = 0x6b65_726e_656c;
 const USER_SEED: u64 = 0x7573_6572;
 
-/// Where a stack is captured: the per-CPU scratch buffer, the generation's stack map and the
-/// counters for losses.
+/// What a capture left in the scratch buffer.
+pub enum Captured {
+    /// A stack, and the reference it will be stored under.
+    Stack(u64),
+    /// The task has no such stack (no user space in a kernel thread).
+    Absent,
+    /// Capturing failed (counted).
+    Lost,
+}
+
+/// Where stacks are captured (the per-CPU scratch buffer) and stored (the generation's stack
+/// map, deduplicated by hash), with the counters for losses. A capture is followed by
+/// [`store`](Self::store) unless the caller knows the stack is stored already.
 pub struct StackStore<'a> {
     pub scratch: &'a PerCpuArray<StackFrames>,
     pub stacks: &'a HashMap<u64, StackFrames>,
@@ -137,86 +237,129 @@ impl StackStore<'_> {
     /// Captures and stores the current kernel stack.
     #[inline(always)]
     pub fn kernel_stack<C: EbpfContext>(&self, ctx: &C) -> u64 {
+        // SAFETY: the helper writes at most `size` bytes into `buffer`.
+        let captured = self
+            .capture_kernel(|buffer, size| unsafe { bpf_get_stack(ctx.as_ptr(), buffer, size, 0) });
+        self.store(captured, counter::KERNEL_STACK_LOST)
+    }
+
+    /// Captures the kernel stack of `task`, which must not be running: it is read from where
+    /// the task was switched out (scheduler functions left out).
+    ///
+    /// # Safety
+    /// `task` must be a task pointer the verifier trusts (a BTF tracepoint argument).
+    #[inline(always)]
+    pub unsafe fn capture_kernel_of(&self, task: *mut task_struct) -> Captured {
+        // SAFETY: the helper writes at most `size` bytes into `buffer`; `task` is trusted.
+        self.capture_kernel(|buffer, size| unsafe { bpf_get_task_stack(task, buffer, size, 0) })
+    }
+
+    #[inline(always)]
+    fn capture_kernel(&self, capture: impl FnOnce(*mut c_void, u32) -> i64) -> Captured {
         let Some(trace) = self.scratch.get_ptr_mut(0) else {
-            return LOST_STACK;
+            return Captured::Lost;
         };
         // SAFETY: a valid per-CPU scratch value; programs do not nest on one CPU.
         let trace = unsafe { &mut *trace };
-        let size = core::mem::size_of_val(&trace.frames) as u32;
-        // SAFETY: the helper writes at most `size` bytes into `frames`.
-        let written =
-            unsafe { bpf_get_stack(ctx.as_ptr(), trace.frames.as_mut_ptr().cast(), size, 0) };
+        let written = capture(
+            trace.frames.as_mut_ptr().cast(),
+            (MAX_KERNEL_FRAMES * 8) as u32,
+        );
         if written <= 0 {
             count(self.counters, counter::KERNEL_STACK_LOST, 1);
-            return LOST_STACK;
+            return Captured::Lost;
         }
         trace.len = written as u64 / 8;
-        store(
-            self.stacks,
-            self.counters,
-            counter::KERNEL_STACK_LOST,
-            trace,
-            KERNEL_SEED,
-        )
+        if trace.len as usize == MAX_KERNEL_FRAMES {
+            count(self.counters, counter::STACK_TRUNCATED, 1);
+        }
+        Captured::Stack(stack_reference(hash_filled_frames(trace, KERNEL_SEED)))
     }
 
-    /// Captures and stores the user stack of the current task by walking frame pointers from
-    /// its user registers: the interrupted registers when they are user mode, else the
-    /// registers saved at kernel entry. Returns [`NO_STACK`] for kernel threads.
+    /// Captures and stores the user stack (see [`capture_user`](Self::capture_user)).
     #[inline(always)]
     pub fn user_stack(&self, interrupted: Option<&pt_regs>) -> u64 {
+        let captured = self.capture_user(interrupted);
+        self.store(captured, counter::USER_STACK_LOST)
+    }
+
+    /// Captures the user stack of the current task by walking frame pointers from its user
+    /// registers: the interrupted registers when they are user mode, else the registers saved
+    /// at kernel entry. Kernel threads have none.
+    #[inline(always)]
+    pub fn capture_user(&self, interrupted: Option<&pt_regs>) -> Captured {
         let Some(regs) = user_registers(interrupted) else {
             count(self.counters, counter::KERNEL_ONLY, 1);
-            return NO_STACK;
+            return Captured::Absent;
         };
         let Some(trace) = self.scratch.get_ptr_mut(0) else {
-            return LOST_STACK;
+            return Captured::Lost;
         };
-        // SAFETY: as in `kernel_stack`.
+        // SAFETY: a valid per-CPU scratch value; programs do not nest on one CPU.
         let trace = unsafe { &mut *trace };
         trace.frames[0] = regs.ip;
+        // The hash is computed during the walk: after the loop nothing depends on where it
+        // ended, which lets the verifier merge the exits instead of checking the rest once each.
+        let mut hash = mix(USER_SEED, regs.ip);
         let mut len = 1;
         let mut frame_pointer = regs.frame_pointer;
-        let mut truncated = true;
         for i in 1..MAX_STACK_FRAMES {
             // A frame record is [saved frame pointer, return address], 8-byte aligned.
             if frame_pointer == 0 || frame_pointer & 7 != 0 {
-                truncated = false;
                 break;
             }
             // SAFETY: reading user memory through the fault-tolerant helper.
-            let Ok(record) = (unsafe { bpf_probe_read_user(frame_pointer as *const [u64; 2]) })
+            let Ok([next_frame_pointer, return_address]) =
+                (unsafe { bpf_probe_read_user(frame_pointer as *const [u64; 2]) })
             else {
-                truncated = false;
                 break;
             };
-            let [next_frame_pointer, return_address] = record;
             if return_address == 0 {
-                truncated = false;
                 break;
             }
             if let Some(slot) = trace.frames.get_mut(i) {
                 *slot = return_address;
             }
+            hash = mix(hash, return_address);
             len = i + 1;
             // Callers' frames lie above: anything else is a corrupt chain.
             if next_frame_pointer <= frame_pointer {
-                truncated = false;
                 break;
             }
             frame_pointer = next_frame_pointer;
         }
-        if truncated {
-            count(self.counters, counter::USER_STACK_TRUNCATED, 1);
+        if len == MAX_STACK_FRAMES {
+            count(self.counters, counter::STACK_TRUNCATED, 1);
         }
         trace.len = len as u64;
-        store(
-            self.stacks,
-            self.counters,
-            counter::USER_STACK_LOST,
-            trace,
-            USER_SEED,
-        )
+        Captured::Stack(stack_reference(hash))
+    }
+
+    /// Stores the stack just captured (deduplicated by its hash) and returns its reference:
+    /// [`NO_STACK`], or [`LOST_STACK`] (counted in `lost_counter`) if it cannot be stored.
+    #[inline(always)]
+    pub fn store(&self, captured: Captured, lost_counter: u32) -> u64 {
+        let reference = match captured {
+            Captured::Stack(reference) => reference,
+            Captured::Absent => return NO_STACK,
+            Captured::Lost => return LOST_STACK,
+        };
+        if self.stacks.get_ptr(reference).is_some() {
+            return reference;
+        }
+        let Some(trace) = self.scratch.get(0) else {
+            return LOST_STACK;
+        };
+        // By reference: the map copies the value from the scratch buffer (1 KiB does not fit
+        // on the BPF stack).
+        match self.stacks.insert(reference, trace, BPF_NOEXIST.into()) {
+            Ok(()) => reference,
+            Err(error) if error == -EEXIST => reference,
+            Err(_) => {
+                count(self.counters, lost_counter, 1);
+                LOST_STACK
+            }
+        }
     }
 }
 
@@ -236,20 +379,23 @@ fn user_registers(interrupted: Option<&pt_regs>) -> Option<UserRegisters> {
             frame_pointer: regs.rbp,
         });
     }
-    // SAFETY: helpers available to tracing programs; the result is read fault-tolerantly.
-    let saved = unsafe {
-        let task = bpf_get_current_task_btf();
-        let regs = bpf_task_pt_regs(task) as *const pt_regs;
-        bpf_probe_read_kernel(regs).ok()?
+    // SAFETY: helpers available to tracing programs. The pointer is BTF-typed, so the verifier
+    // turns these field loads into fault-tolerant ones, cheaper than copying the whole struct.
+    // Volatile: LLVM must not merge them with the loads from `interrupted` above, which the
+    // verifier refuses (one instruction may not load through two kinds of pointer).
+    let (cs, ip, frame_pointer) = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+        (
+            core::ptr::read_volatile(&raw const (*regs).cs),
+            core::ptr::read_volatile(&raw const (*regs).rip),
+            core::ptr::read_volatile(&raw const (*regs).rbp),
+        )
     };
     // Kernel threads have no user registers saved: their `cs` is not a user segment.
-    if !is_user_mode(&saved) || saved.rip == 0 {
+    if cs & 3 != 3 || ip == 0 {
         return None;
     }
-    Some(UserRegisters {
-        ip: saved.rip,
-        frame_pointer: saved.rbp,
-    })
+    Some(UserRegisters { ip, frame_pointer })
 }
 
 #[inline(always)]

@@ -148,3 +148,66 @@ fn check_reports_each_requirement_and_fails_without_privilege() {
         );
     }
 }
+
+/// Off-CPU options refused before profiling: exit code 2 (clap) or 1 (validation), with a
+/// message naming the option.
+fn assert_off_cpu_refused(args: &[&str], option: &str) {
+    let mut all = vec!["--type", "off-cpu", "--all", "--duration", "1s"];
+    all.extend_from_slice(args);
+    let run = profile(&all);
+    assert!(
+        matches!(run.code, Some(1 | 2)),
+        "{args:?}: exit code {:?}; stderr:\n{}",
+        run.code,
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(option),
+        "{args:?}: stderr lacks {option:?}:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn off_cpu_sample_probabilities_outside_zero_to_one_are_refused() {
+    for value in ["0", "1.5", "abc", "-0.5", "NaN"] {
+        assert_off_cpu_refused(
+            &[&format!("--sample-probability={value}")],
+            "--sample-probability",
+        );
+    }
+}
+
+#[test]
+fn off_cpu_min_block_must_be_a_duration() {
+    for value in ["-1ms", "soon"] {
+        assert_off_cpu_refused(&[&format!("--min-block={value}")], "--min-block");
+    }
+}
+
+#[test]
+fn off_cpu_weight_is_time_or_switches() {
+    let run = profile(&[
+        "--type",
+        "off-cpu",
+        "--all",
+        "--duration",
+        "1s",
+        "--weight",
+        "bogus",
+    ]);
+    assert_fails(&run, 2, "--weight");
+}
+
+#[test]
+fn exclude_preempt_is_refused_for_on_cpu_profiles() {
+    let run = profile(&[
+        "--type",
+        "on-cpu",
+        "--all",
+        "--duration",
+        "1s",
+        "--exclude-preempt",
+    ]);
+    assert_fails(&run, 2, "--exclude-preempt");
+}

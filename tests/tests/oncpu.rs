@@ -8,7 +8,7 @@ use integration_tests::{
 };
 use rover_agent::bpf::Targets;
 use rover_agent::symbolize::SymbolizerConfig;
-use rover_agent::task::{EndReason, OnCpuRequest, profile_on_cpu};
+use rover_agent::task::{EndReason, OnCpuRequest, RunSettings, profile_on_cpu};
 
 const FREQUENCY_HZ: f64 = 99.0;
 
@@ -252,14 +252,16 @@ fn draining_loses_and_double_counts_nothing() {
     let _lock = machine_lock();
     let workload = Workload::spawn("busy_threads", &["2", "8"]);
     let request = OnCpuRequest {
-        targets: Targets::Pids(vec![workload.pid()]),
-        duration: Duration::from_secs(3),
-        frequency_hz: 999,
-        drain_interval: Duration::from_millis(10),
-        symbolizer: SymbolizerConfig {
-            debug_info: false,
-            exited_process_grace: Duration::from_secs(60),
+        run: RunSettings {
+            targets: Targets::Pids(vec![workload.pid()]),
+            duration: Duration::from_secs(3),
+            drain_interval: Duration::from_millis(10),
+            symbolizer: SymbolizerConfig {
+                debug_info: false,
+                exited_process_grace: Duration::from_secs(60),
+            },
         },
+        frequency_hz: 999,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,5 +1,5 @@
 //! Symbolization of real processes: C and C++ fixtures compiled at test time, exited and
-//! deleted binaries, another mount namespace, kernel symbols.
+//! deleted binaries, another mount namespace, separate debug files, kernel symbols.
 //!
 //! Tests that need root skip loudly without it, unless `CI=true`, where they fail instead.
 
@@ -53,6 +53,25 @@ int main() {
 }
 "#;
 
+/// A `static` function: only in `.symtab`, which stripping removes.
+const STATIC_FIXTURE: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+
+__attribute__((noinline)) static int rover_hidden_work(int x) {
+    return x * 5 + 2;
+}
+
+int main(void) {
+    printf("%p\n", (void *)rover_hidden_work);
+    fflush(stdout);
+    volatile int sink = rover_hidden_work(1);
+    (void)sink;
+    sleep(600);
+    return 0;
+}
+"#;
+
 /// Whether the test may run: true as root; otherwise skips loudly, or fails under `CI=true`.
 fn root_or_skip(test: &str) -> bool {
     let euid = fs::metadata("/proc/self")
@@ -76,19 +95,16 @@ fn config() -> SymbolizerConfig {
     }
 }
 
-/// Compiles `source` (written as `name` in `dir`) with `compiler`; returns the binary.
-fn compile(dir: &Path, compiler: &str, name: &str, source: &str) -> PathBuf {
+/// Compiles `source` (written as `name` in `dir`) with `compiler` and `extra` arguments;
+/// returns the binary.
+fn compile(dir: &Path, compiler: &str, name: &str, source: &str, extra: &[&str]) -> PathBuf {
     let source_path = dir.join(name);
     fs::write(&source_path, source).expect("write fixture source");
     let binary = dir.join("fixture");
     let status = Command::new(compiler)
-        .args([
-            "-g",
-            "-O1",
-            "-fno-omit-frame-pointer",
-            "-Wl,--build-id",
-            "-o",
-        ])
+        .args(["-g", "-O1", "-fno-omit-frame-pointer", "-Wl,--build-id"])
+        .args(extra)
+        .arg("-o")
         .arg(&binary)
         .arg(&source_path)
         .status()
@@ -98,7 +114,7 @@ fn compile(dir: &Path, compiler: &str, name: &str, source: &str) -> PathBuf {
 }
 
 fn compile_c(dir: &Path) -> PathBuf {
-    compile(dir, "cc", "fixture.c", C_FIXTURE)
+    compile(dir, "cc", "fixture.c", C_FIXTURE, &[])
 }
 
 /// A running fixture that printed the address of its function; killed on drop.
@@ -284,11 +300,141 @@ fn identical_binaries_share_one_open_file_and_cache() {
 #[test]
 fn cpp_symbols_are_demangled() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let binary = compile(dir.path(), "g++", "fixture.cpp", CPP_FIXTURE);
+    let binary = compile(dir.path(), "g++", "fixture.cpp", CPP_FIXTURE, &[]);
     let fixture = Fixture::spawn(Command::new(&binary));
     let mut symbolizer = Symbolizer::new(config());
     let frames = symbolizer.user_frames(fixture.pid(), &fixture.stack());
     assert_named(&frames, "rover::fixture::work(int, char const*)", &binary);
+}
+
+/// Runs `command`, asserting success.
+fn run(command: &mut Command) {
+    let status = command
+        .status()
+        .unwrap_or_else(|error| panic!("run {command:?}: {error}"));
+    assert!(status.success(), "{command:?} failed: {status}");
+}
+
+/// The static fixture built with `build_id` (hex) and `extra` arguments, split into a stripped
+/// binary (returned first) and its separate debug file.
+fn stripped_with_debug_file(dir: &Path, build_id: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+    let build_id_arg = format!("-Wl,--build-id=0x{build_id}");
+    let mut args = vec![build_id_arg.as_str()];
+    args.extend_from_slice(extra);
+    let binary = compile(dir, "cc", "fixture.c", STATIC_FIXTURE, &args);
+    let debug_file = dir.join("fixture.debug");
+    let stripped = dir.join("fixture-stripped");
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&binary)
+        .arg(&debug_file));
+    run(Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&binary));
+    (stripped, debug_file)
+}
+
+fn config_without_dwarf() -> SymbolizerConfig {
+    SymbolizerConfig {
+        debug_info: false,
+        ..config()
+    }
+}
+
+#[test]
+fn stripped_binary_without_debug_file_leaves_static_functions_unknown() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Not installed anywhere: the build ID names no debug file on this host.
+    let (stripped, _) =
+        stripped_with_debug_file(dir.path(), "726f7665722d6e6f2d6465627567000000000001", &[]);
+    let fixture = Fixture::spawn(Command::new(&stripped));
+    for config in [config(), config_without_dwarf()] {
+        let mut symbolizer = Symbolizer::new(config);
+        let frames = symbolizer.user_frames(fixture.pid(), &fixture.stack());
+        assert_eq!(frames.len(), 2, "{frames:#?}");
+        // `.dynsym` has only imports and `stdout`: nothing precedes the function.
+        for frame in &frames {
+            assert_eq!(frame.function, None, "{frames:#?}");
+            assert_eq!(frame.module.as_deref().map(Path::new), Some(&*stripped));
+        }
+        assert_eq!(frames[1].address, frames[0].address + 1);
+    }
+}
+
+#[test]
+fn debug_file_in_the_process_root_names_static_functions() {
+    if !root_or_skip("debug_file_in_the_process_root_names_static_functions") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let build_id = "726f7665722d6465627567000000000000000001";
+    // Static: runs in a root holding nothing but itself and its debug file, like a container.
+    let (stripped, debug_file) = stripped_with_debug_file(dir.path(), build_id, &["-static"]);
+    let mount_point = tempfile::tempdir().expect("mount point");
+    let root = mount_point.path();
+    let debug_dir = format!(
+        "{}/usr/lib/debug/.build-id/{}",
+        root.display(),
+        &build_id[..2]
+    );
+    // The root is a tmpfs mounted in a private mount namespace only: only /proc/PID/root
+    // reaches its debug file, the host's / has none.
+    let script = format!(
+        "mount -t tmpfs none '{root}' && mkdir -p '{debug_dir}' && cp '{debug}' '{debug_dir}/{rest}.debug' \
+         && cp '{bin}' '{root}/fixture' && exec chroot '{root}' /fixture",
+        root = root.display(),
+        debug = debug_file.display(),
+        rest = &build_id[2..],
+        bin = stripped.display(),
+    );
+    let mut command = Command::new("unshare");
+    command.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+    let mut fixture = Fixture::spawn(command);
+    assert!(
+        !Path::new(&debug_dir).exists(),
+        "the debug file must not be visible here"
+    );
+
+    let pid = fixture.pid();
+    // `/proc/PID/maps` names it as seen from our root.
+    let module = &root.join("fixture");
+    let mut without_dwarf = Symbolizer::new(config_without_dwarf());
+    let frames = without_dwarf.user_frames(pid, &fixture.stack());
+    assert_named(&frames, "rover_hidden_work", module);
+    assert!(
+        frames.iter().all(|f| f.file.is_none() && f.line.is_none()),
+        "{frames:#?}"
+    );
+    // With DWARF, that of the debug file gives the source line too.
+    let mut with_dwarf = Symbolizer::new(config());
+    let frames = with_dwarf.user_frames(pid, &fixture.stack());
+    assert_named(&frames, "rover_hidden_work", module);
+    assert!(
+        frames[0]
+            .file
+            .as_deref()
+            .is_some_and(|file| file.ends_with("fixture.c")),
+        "DWARF file: {frames:#?}"
+    );
+
+    // The debug file stays open with the binary after the process exits, and is closed with it.
+    fixture.exit();
+    assert_named(
+        &without_dwarf.user_frames(pid, &fixture.stack()),
+        "rover_hidden_work",
+        module,
+    );
+    without_dwarf.retire_exited(Instant::now() + GRACE);
+    without_dwarf.retire_exited(Instant::now() + 2 * GRACE);
+    assert_eq!(without_dwarf.stats().open_binaries, 0);
+
+    // The same binary, run where no debug file can be found, has no name for the function.
+    let fixture = Fixture::spawn(Command::new(&stripped));
+    let mut symbolizer = Symbolizer::new(config_without_dwarf());
+    let frames = symbolizer.user_frames(fixture.pid(), &fixture.stack());
+    assert!(frames.iter().all(|f| f.function.is_none()), "{frames:#?}");
 }
 
 /// The address of a function symbol in `/proc/kallsyms`.

@@ -1,4 +1,6 @@
-/* Shared by the test workloads: a monotonic clock and a CPU burner the compiler cannot elide. */
+/* Shared by the test workloads: a monotonic clock and a CPU burner the compiler cannot elide.
+ * Workloads are built with -O0 -fno-omit-frame-pointer: GCC drops the frame of leaf functions at
+ * any optimization level, even with -mno-omit-leaf-frame-pointer, which hides their callers. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>

@@ -18,7 +18,7 @@ pub(crate) fn build(name: &str, out_dir: &Path) -> anyhow::Result<PathBuf> {
     run(
         Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".to_owned()))
             .args([
-                "-O1",
+                "-O0",
                 "-g",
                 "-fno-omit-frame-pointer",
                 "-fno-optimize-sibling-calls",

@@ -2,17 +2,24 @@
 //!
 //! aya 0.14 has no lookup-and-delete or batch operations on hash maps, and reading a value then
 //! deleting its key would lose what programs add in between. So every map programs write comes
-//! in two generations (`COUNTS_0`/`COUNTS_1`, `STACKS_0`/`STACKS_1`) and the `CONTROL` array says
-//! which one programs use. A drain:
-//! 1. flips `CONTROL` to the other generation;
+//! in two generations (`COUNTS_0`/`COUNTS_1`, `STACKS_0`/`STACKS_1`) and the `CONTROL` array holds
+//! an epoch whose low bit says which one programs use. A drain:
+//! 1. increments the epoch, flipping programs to the other generation;
 //! 2. waits until no program can still be writing the old one: `membarrier(MEMBARRIER_CMD_GLOBAL)`
 //!    is a `synchronize_rcu()`, and BPF programs run non-preemptible inside RCU read-side
 //!    sections, so every program that read the old generation has returned when it does;
-//! 3. reads every aggregate of the old generation and the stacks they reference;
+//! 3. copies every stack of the old generation into a user-space cache, then reads every
+//!    aggregate of the old generation, resolving its stacks through the cache;
 //! 4. deletes every key of the old generation's maps, leaving them empty for the next flip.
 //!
 //! Each recorded event is thus read exactly once; the `recorded` counter checks it (see the
 //! exact-count integration test).
+//!
+//! The cache exists because an aggregate may reference a stack stored in an earlier generation:
+//! an off-CPU episode captures its stacks when the thread is switched out and is aggregated when
+//! it comes back, possibly many drains later. Programs store a stack in the generation current
+//! at capture, so every stack passes through step 3 once; the cache keeps it while the caller
+//! says it is still referenced (open episodes) and for two drains after its last use.
 
 use std::collections::HashMap as StdHashMap;
 use std::io;
@@ -20,7 +27,9 @@ use std::io;
 use aya::Ebpf;
 use aya::Pod;
 use aya::maps::{Array, HashMap, MapData};
-use rover_common::{CONTROL_GENERATION, LOST_STACK, NO_STACK, StackFrames, StackKey};
+use rover_common::{
+    CONTROL_EPOCH, LOST_STACK, NO_STACK, STACK_FLAG_PREEMPTED, StackFrames, StackKey,
+};
 
 use super::{Error, RawFrames, RawStack};
 
@@ -29,10 +38,19 @@ struct Generation<V> {
     stacks: HashMap<MapData, u64, StackFrames>,
 }
 
+/// A stack read from the kernel, and the drain that last needed it.
+struct CachedStack {
+    frames: Vec<u64>,
+    last_used: u64,
+}
+
 pub(super) struct Aggregates<V> {
     control: Array<MapData, u32>,
     generations: [Generation<V>; 2],
-    active: u32,
+    /// What `CONTROL` holds: programs write generation `epoch & 1`.
+    epoch: u32,
+    stacks: StdHashMap<u64, CachedStack>,
+    drains: u64,
 }
 
 const COUNTS: [&str; 2] = ["COUNTS_0", "COUNTS_1"];
@@ -41,106 +59,139 @@ const STACKS: [&str; 2] = ["STACKS_0", "STACKS_1"];
 impl<V: Pod> Aggregates<V> {
     /// Takes the control and generation maps out of a loaded object.
     pub(super) fn take(ebpf: &mut Ebpf, object: &'static str) -> Result<Self, Error> {
-        let control =
-            Array::try_from(take_map(ebpf, object, "CONTROL")?).map_err(|source| Error::Map {
-                map: "CONTROL",
-                operation: "open",
-                source,
-            })?;
+        let control = open_map(ebpf, object, "CONTROL", Array::try_from)?;
         let mut generation = |index: usize| -> Result<Generation<V>, Error> {
-            let open = |name: &'static str, source| Error::Map {
-                map: name,
-                operation: "open",
-                source,
-            };
             Ok(Generation {
-                counts: HashMap::try_from(take_map(ebpf, object, COUNTS[index])?)
-                    .map_err(|source| open(COUNTS[index], source))?,
-                stacks: HashMap::try_from(take_map(ebpf, object, STACKS[index])?)
-                    .map_err(|source| open(STACKS[index], source))?,
+                counts: open_map(ebpf, object, COUNTS[index], HashMap::try_from)?,
+                stacks: open_map(ebpf, object, STACKS[index], HashMap::try_from)?,
             })
         };
         let generations = [generation(0)?, generation(1)?];
         let mut aggregates = Self {
             control,
             generations,
-            active: 0,
+            epoch: 0,
+            stacks: StdHashMap::new(),
+            drains: 0,
         };
-        aggregates.set_active(0)?;
+        aggregates.set_epoch(0)?;
         Ok(aggregates)
     }
 
-    fn set_active(&mut self, generation: u32) -> Result<(), Error> {
+    fn set_epoch(&mut self, epoch: u32) -> Result<(), Error> {
         self.control
-            .set(CONTROL_GENERATION, generation, 0)
+            .set(CONTROL_EPOCH, epoch, 0)
             .map_err(|source| Error::Map {
                 map: "CONTROL",
                 operation: "update",
                 source,
             })?;
-        self.active = generation;
+        self.epoch = epoch;
         Ok(())
     }
 
-    /// Everything recorded since the previous drain.
-    pub(super) fn drain(&mut self) -> Result<Vec<RawStack<V>>, Error> {
-        let drained = self.active;
-        self.set_active(1 - drained)?;
+    /// Everything recorded since the previous drain. `referenced` lists stack references that
+    /// are still in use outside the aggregates (open off-CPU episodes): their stacks are kept.
+    pub(super) fn drain(
+        &mut self,
+        referenced: impl IntoIterator<Item = u64>,
+    ) -> Result<Vec<RawStack<V>>, Error> {
+        let index = (self.epoch & 1) as usize;
+        self.set_epoch(self.epoch.wrapping_add(1))?;
         wait_for_running_programs()?;
+        self.drains += 1;
+        let now = self.drains;
 
-        let generation = &mut self.generations[drained as usize];
-        let index = drained as usize;
+        let generation = &mut self.generations[index];
+        let stack_keys = collect_keys(generation.stacks.keys(), STACKS[index])?;
+        for &hash in &stack_keys {
+            let trace = generation
+                .stacks
+                .get(&hash, 0)
+                .map_err(|source| Error::Map {
+                    map: STACKS[index],
+                    operation: "lookup",
+                    source,
+                })?;
+            let len = (trace.len as usize).min(trace.frames.len());
+            self.stacks.insert(
+                hash,
+                CachedStack {
+                    frames: trace.frames[..len].to_vec(),
+                    last_used: now,
+                },
+            );
+        }
+
         let keys = collect_keys(generation.counts.keys(), COUNTS[index])?;
-        let mut stacks: StdHashMap<u64, RawFrames> = StdHashMap::new();
         let mut drained_stacks = Vec::with_capacity(keys.len());
         for key in &keys {
-            let value = match generation.counts.get(key, 0) {
-                Ok(value) => value,
-                Err(source) => {
-                    return Err(Error::Map {
-                        map: COUNTS[index],
-                        operation: "lookup",
-                        source,
-                    });
-                }
-            };
-            let mut resolve = |reference: u64| {
-                stacks
-                    .entry(reference)
-                    .or_insert_with(|| read_stack(&generation.stacks, reference))
-                    .clone()
-            };
+            let value = generation.counts.get(key, 0).map_err(|source| Error::Map {
+                map: COUNTS[index],
+                operation: "lookup",
+                source,
+            })?;
             drained_stacks.push(RawStack {
                 tgid: key.tgid,
-                user: resolve(key.user_stack),
-                kernel: resolve(key.kernel_stack),
+                preempted: key.flags & STACK_FLAG_PREEMPTED != 0,
+                user: resolve(&mut self.stacks, key.user_stack, now),
+                kernel: resolve(&mut self.stacks, key.kernel_stack, now),
                 value,
             });
         }
         for key in &keys {
             remove(generation.counts.remove(key), COUNTS[index])?;
         }
-        // Also the stacks no aggregate references (their sample found the aggregate map full).
-        for reference in collect_keys(generation.stacks.keys(), STACKS[index])? {
-            remove(generation.stacks.remove(&reference), STACKS[index])?;
+        for hash in &stack_keys {
+            remove(generation.stacks.remove(hash), STACKS[index])?;
         }
+
+        for hash in referenced {
+            if let Some(stack) = self.stacks.get_mut(&hash) {
+                stack.last_used = now;
+            }
+        }
+        self.stacks.retain(|_, stack| stack.last_used + 2 >= now);
         Ok(drained_stacks)
     }
 }
 
-fn take_map(
+/// A stack reference as frames: from the cache (marking it used), or lost if it is not there.
+fn resolve(stacks: &mut StdHashMap<u64, CachedStack>, reference: u64, now: u64) -> RawFrames {
+    match reference {
+        NO_STACK => RawFrames::Absent,
+        LOST_STACK => RawFrames::Lost,
+        hash => match stacks.get_mut(&hash) {
+            Some(stack) => {
+                stack.last_used = now;
+                RawFrames::Captured(stack.frames.clone())
+            }
+            // Cannot happen while programs store stacks before referencing them (see above).
+            None => RawFrames::Lost,
+        },
+    }
+}
+
+/// Takes map `name` out of `ebpf` as the typed map `open` makes of it.
+pub(super) fn open_map<T>(
     ebpf: &mut Ebpf,
     object: &'static str,
     name: &'static str,
-) -> Result<aya::maps::Map, Error> {
-    ebpf.take_map(name).ok_or(Error::Missing {
+    open: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, Error> {
+    let map = ebpf.take_map(name).ok_or(Error::Missing {
         object,
         kind: "map",
         name,
+    })?;
+    open(map).map_err(|source| Error::Map {
+        map: name,
+        operation: "open",
+        source,
     })
 }
 
-fn collect_keys<K>(
+pub(super) fn collect_keys<K>(
     keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
     map: &'static str,
 ) -> Result<Vec<K>, Error> {
@@ -151,7 +202,10 @@ fn collect_keys<K>(
     })
 }
 
-fn remove(result: Result<(), aya::maps::MapError>, map: &'static str) -> Result<(), Error> {
+pub(super) fn remove(
+    result: Result<(), aya::maps::MapError>,
+    map: &'static str,
+) -> Result<(), Error> {
     match result {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(source) => Err(Error::Map {
@@ -159,22 +213,6 @@ fn remove(result: Result<(), aya::maps::MapError>, map: &'static str) -> Result<
             operation: "delete",
             source,
         }),
-    }
-}
-
-fn read_stack(stacks: &HashMap<MapData, u64, StackFrames>, reference: u64) -> RawFrames {
-    match reference {
-        NO_STACK => RawFrames::Absent,
-        LOST_STACK => RawFrames::Lost,
-        hash => match stacks.get(&hash, 0) {
-            Ok(trace) => {
-                let len = (trace.len as usize).min(trace.frames.len());
-                RawFrames::Captured(trace.frames[..len].to_vec())
-            }
-            // Programs store a stack before the aggregate that references it, in the same
-            // generation, so this means the map was tampered with: report it as lost.
-            Err(_) => RawFrames::Lost,
-        },
     }
 }
 

@@ -20,7 +20,16 @@ pub struct Counters {
     pub aggregate_full: u64,
     /// Samples of kernel threads (no user stack).
     pub kernel_only: u64,
-    pub user_stack_truncated: u64,
+    /// Stacks deeper than the agent records (kept, truncated).
+    pub stack_truncated: u64,
+    /// Off-CPU: switch-outs not recorded because the per-thread map was full.
+    pub thread_map_full: u64,
+    /// Off-CPU: switch-outs left out by sampling.
+    pub not_sampled: u64,
+    /// Off-CPU: episodes shorter than the minimum block time.
+    pub too_short: u64,
+    /// Off-CPU: preemptions left out on request.
+    pub preempt_excluded: u64,
 }
 
 impl Counters {
@@ -41,12 +50,16 @@ impl Counters {
             user_stack_lost: total(counter::USER_STACK_LOST)?,
             aggregate_full: total(counter::AGGREGATE_FULL)?,
             kernel_only: total(counter::KERNEL_ONLY)?,
-            user_stack_truncated: total(counter::USER_STACK_TRUNCATED)?,
+            stack_truncated: total(counter::STACK_TRUNCATED)?,
+            thread_map_full: total(counter::THREAD_MAP_FULL)?,
+            not_sampled: total(counter::NOT_SAMPLED)?,
+            too_short: total(counter::TOO_SHORT)?,
+            preempt_excluded: total(counter::PREEMPT_EXCLUDED)?,
         })
     }
 
     /// Samples lost in any way (entirely or a stack of them).
     pub fn losses(&self) -> u64 {
-        self.kernel_stack_lost + self.user_stack_lost + self.aggregate_full
+        self.kernel_stack_lost + self.user_stack_lost + self.aggregate_full + self.thread_map_full
     }
 }

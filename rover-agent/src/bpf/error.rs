@@ -5,8 +5,8 @@ use std::io;
 pub enum Error {
     #[error(
         "missing privilege: {missing}. Loading eBPF profilers needs CAP_BPF and CAP_PERFMON \
-         (or CAP_SYS_ADMIN): run as root, or grant them, e.g. \
-         `setcap cap_bpf,cap_perfmon,cap_sys_resource+ep rover-agent`"
+         (or CAP_SYS_ADMIN): run as root (symbolizing other processes also needs CAP_SYS_ADMIN, \
+         CAP_SYS_PTRACE and CAP_SYSLOG)"
     )]
     MissingPrivilege { missing: String },
     #[error(
@@ -14,6 +14,8 @@ pub enum Error {
          `{object}`: rebuild it without AYA_BUILD_SKIP (after `cargo xtask setup`)"
     )]
     ObjectNotEmbedded { object: &'static str },
+    #[error("invalid profiler configuration: {0}")]
+    InvalidConfig(String),
     #[error("loading the eBPF object `{object}` failed")]
     Load {
         object: &'static str,
@@ -54,4 +56,16 @@ pub enum Error {
     },
     #[error("waiting for running eBPF programs (membarrier) failed")]
     Barrier(#[source] io::Error),
+    #[error(
+        "reading the kernel's BTF (/sys/kernel/btf/vmlinux) failed: the off-CPU profiler needs \
+         a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    KernelBtf(#[source] aya::BtfError),
+    #[error("attaching `{program}` to the tracepoint {tracepoint} failed")]
+    AttachTracepoint {
+        program: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
 }

@@ -5,12 +5,16 @@
 mod aggregates;
 mod counters;
 mod error;
+mod loader;
 mod object;
+mod offcpu;
 mod oncpu;
 mod privilege;
+mod target_filter;
 
 pub use counters::Counters;
 pub use error::Error;
+pub use offcpu::{OffCpu, OffCpuConfig, OffCpuProbe, OpenEpisodes};
 pub use oncpu::{OnCpuConfig, OnCpuProbe};
 pub use privilege::{Privilege, check_privilege};
 
@@ -30,6 +34,8 @@ pub enum RawFrames {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawStack<V> {
     pub tgid: u32,
+    /// Off-CPU: the thread was preempted (still runnable), not blocked.
+    pub preempted: bool,
     pub user: RawFrames,
     pub kernel: RawFrames,
     pub value: V,

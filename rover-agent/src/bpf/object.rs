@@ -10,6 +10,14 @@ pub(super) fn oncpu() -> Result<&'static [u8], Error> {
     )
 }
 
+/// The off-CPU profiler (`rover-ebpf/src/bin/offcpu.rs`).
+pub(super) fn offcpu() -> Result<&'static [u8], Error> {
+    embedded(
+        "offcpu",
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/offcpu")),
+    )
+}
+
 fn embedded(object: &'static str, bytes: &'static [u8]) -> Result<&'static [u8], Error> {
     if bytes.is_empty() {
         return Err(Error::ObjectNotEmbedded { object });

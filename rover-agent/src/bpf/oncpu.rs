@@ -2,16 +2,18 @@
 
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::Ebpf;
+use aya::maps::{MapData, PerCpuArray};
 use aya::programs::PerfEvent;
 use aya::programs::perf_event::PerfEventLinkId;
 use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
 use aya::util::online_cpus;
-use aya::{Ebpf, EbpfLoader};
 use rover_common::{StackKey, counter};
 
 use super::aggregates::Aggregates;
-use super::{Counters, Error, RawStack, Targets, check_privilege, object};
+use super::loader::{Capacity, Loaded, load};
+use super::target_filter::TargetFilter;
+use super::{Counters, Error, RawStack, Targets, object};
 
 const OBJECT: &str = "oncpu";
 const PROGRAM: &str = "on_cpu_sample";
@@ -39,7 +41,7 @@ impl OnCpuConfig {
 /// A loaded, attached on-CPU sampler. Dropping it detaches the programs (aya's links are RAII).
 pub struct OnCpuProbe {
     aggregates: Aggregates<u64>,
-    targets: HashMap<MapData, u32, u8>,
+    targets: TargetFilter,
     counters: PerCpuArray<MapData, u64>,
     /// One per CPU; empty once sampling stopped.
     links: Vec<PerfEventLinkId>,
@@ -49,30 +51,18 @@ pub struct OnCpuProbe {
 
 impl OnCpuProbe {
     pub fn start(config: &OnCpuConfig) -> Result<Self, Error> {
-        require_privilege()?;
-        let all: u8 = matches!(config.targets, Targets::All).into();
         let cpus = online_cpus().map_err(|(path, source)| Error::OnlineCpus { path, source })?;
         let aggregates = config.aggregate_capacity(cpus.len());
-        let stacks = aggregates.saturating_mul(2);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("TARGET_ALL", &all, true)
-            .map_max_entries("COUNTS_0", aggregates)
-            .map_max_entries("COUNTS_1", aggregates)
-            .map_max_entries("STACKS_0", stacks)
-            .map_max_entries("STACKS_1", stacks)
-            .load(object::oncpu()?)
-            .map_err(|source| Error::Load {
-                object: OBJECT,
-                source,
-            })?;
-        let aggregates = Aggregates::take(&mut ebpf, OBJECT)?;
-        let mut targets = open_map(&mut ebpf, "TARGETS", HashMap::try_from)?;
-        let counters = open_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
-        if let Targets::Pids(pids) = &config.targets {
-            for &pid in pids {
-                add_target(&mut targets, pid)?;
-            }
-        }
+        let capacity = Capacity {
+            aggregates,
+            stacks: aggregates.saturating_mul(2),
+        };
+        let Loaded {
+            mut ebpf,
+            aggregates,
+            targets,
+            counters,
+        } = load(OBJECT, object::oncpu()?, &config.targets, capacity, |_| {})?;
         let links = attach(&mut ebpf, config.frequency_hz, &cpus)?;
         Ok(Self {
             aggregates,
@@ -98,54 +88,18 @@ impl OnCpuProbe {
 
     /// Starts sampling one more process.
     pub fn add_target(&mut self, pid: u32) -> Result<(), Error> {
-        add_target(&mut self.targets, pid)
+        self.targets.add(pid)
     }
 
     /// Samples recorded since the previous drain (`value` = number of samples).
     pub fn drain(&mut self) -> Result<Vec<RawStack<u64>>, Error> {
-        self.aggregates.drain()
+        self.aggregates.drain([])
     }
 
     /// Totals since the sampler started.
     pub fn counters(&self) -> Result<Counters, Error> {
         Counters::read(&self.counters)
     }
-}
-
-fn require_privilege() -> Result<(), Error> {
-    match check_privilege() {
-        Ok(privilege) => match privilege.missing() {
-            Some(missing) => Err(Error::MissingPrivilege { missing }),
-            None => Ok(()),
-        },
-        // Without /proc/self/status, let the kernel decide.
-        Err(_) => Ok(()),
-    }
-}
-
-fn open_map<T>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    open: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
-) -> Result<T, Error> {
-    let map = ebpf.take_map(name).ok_or(Error::Missing {
-        object: OBJECT,
-        kind: "map",
-        name,
-    })?;
-    open(map).map_err(|source| Error::Map {
-        map: name,
-        operation: "open",
-        source,
-    })
-}
-
-fn add_target(targets: &mut HashMap<MapData, u32, u8>, pid: u32) -> Result<(), Error> {
-    targets.insert(pid, 1, 0).map_err(|source| Error::Map {
-        map: "TARGETS",
-        operation: "update",
-        source,
-    })
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut PerfEvent, Error> {

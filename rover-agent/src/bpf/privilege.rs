@@ -2,6 +2,8 @@
 
 use std::{fs, io};
 
+use super::Error;
+
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -48,6 +50,15 @@ pub fn check_privilege() -> io::Result<Privilege> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))?;
     Ok(Privilege::from_effective_mask(mask))
+}
+
+/// Fails with [`Error::MissingPrivilege`] when loading programs is bound to fail; when the
+/// capabilities cannot be read, lets the kernel decide.
+pub(super) fn require() -> Result<(), Error> {
+    match check_privilege().map(|privilege| privilege.missing()) {
+        Ok(Some(missing)) => Err(Error::MissingPrivilege { missing }),
+        Ok(None) | Err(_) => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -4,12 +4,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::bpf::{OnCpuConfig, OnCpuProbe, Targets, check_privilege};
+use crate::bpf::{OffCpuConfig, OffCpuProbe, OnCpuConfig, OnCpuProbe, Targets, check_privilege};
 
-/// Oldest kernel with everything the programs use (run-time allocated hash maps in tracing
-/// programs, `bpf_task_pt_regs`, `bpf_get_current_task_btf`).
+/// Oldest kernel with everything the programs use (`bpf_task_pt_regs`, the `prev_state`
+/// argument of the `sched_switch` BTF tracepoint (5.18), BTF-typed pointer loads).
 const MIN_KERNEL: (u32, u32) = (6, 1);
-const TRACEFS: &str = "/sys/kernel/tracing";
 
 struct Item {
     name: &'static str,
@@ -163,20 +162,20 @@ fn perf_events() -> Result<String, String> {
     Ok("system-wide cpu-clock sampling available".to_owned())
 }
 
+/// Loads the off-CPU profiler and attaches it to the `sched_switch` BTF tracepoint (with no
+/// targets), then detaches it.
 fn tracepoints() -> Result<String, String> {
-    let format = Path::new(TRACEFS).join("events/sched/sched_switch/format");
-    if format.exists() {
-        Ok(format!("sched/sched_switch in {TRACEFS}"))
-    } else if !Path::new(TRACEFS).join("events").exists() {
-        Err(format!(
-            "tracefs is not mounted at {TRACEFS}: mount it with \
-             `mount -t tracefs tracefs {TRACEFS}` (needed for off-CPU profiling)"
-        ))
-    } else {
-        Err(format!(
-            "{} is missing: the kernel lacks sched tracepoints",
-            format.display()
-        ))
+    let config = OffCpuConfig {
+        targets: Targets::Pids(Vec::new()),
+        exclude_preempt: false,
+        min_block: Duration::ZERO,
+        sample_probability: 1.0,
+    };
+    match OffCpuProbe::start(&config) {
+        Ok(_probe) => {
+            Ok("sched_switch (BTF tracepoint) attaches: off-CPU profiling works".to_owned())
+        }
+        Err(error) => Err(format!("{:#}", anyhow::Error::new(error))),
     }
 }
 

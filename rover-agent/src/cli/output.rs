@@ -1,6 +1,7 @@
 //! Where a profile goes: format choice, an early writability check, an atomic write.
 
 use std::io::{self, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -75,6 +76,8 @@ impl Output {
         };
         let temporary = tempfile::Builder::new()
             .prefix(".rover-profile")
+            // What a plain file creation would give, not tempfile's private 0600.
+            .permissions(std::fs::Permissions::from_mode(0o644))
             .tempfile_in(directory)
             .with_context(|| {
                 format!(

@@ -5,17 +5,23 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::Args;
+use clap::{Args, CommandFactory as _, ValueEnum};
 
 use super::output::{Format, Output};
 use crate::bpf::Targets;
 use crate::process;
 use crate::profile::Weight;
 use crate::symbolize::SymbolizerConfig;
-use crate::task::{EndReason, OnCpuRequest, ProfileRun, profile_on_cpu};
+use crate::task::{
+    EndReason, OffCpuRequest, OnCpuRequest, ProfileRun, RunDetails, RunSettings, profile_off_cpu,
+    profile_on_cpu,
+};
 
 #[derive(Debug, Args)]
 pub struct ProfileArgs {
+    /// What to profile: where threads run (on-cpu) or where they wait (off-cpu).
+    #[arg(long = "type", value_enum, default_value_t = ProfileType::OnCpu)]
+    pub profile_type: ProfileType,
     /// Process to profile, by host pid (repeatable).
     #[arg(
         long = "pid",
@@ -30,9 +36,23 @@ pub struct ProfileArgs {
     /// How long to profile: 10s, 1m30s, 500ms (a bare number is seconds).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Samples per second on each CPU.
-    #[arg(long, value_name = "HZ", default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..))]
-    pub frequency: u64,
+    /// On-CPU: samples per second on each CPU [default: 99].
+    #[arg(long, value_name = "HZ", value_parser = clap::value_parser!(u64).range(1..))]
+    pub frequency: Option<u64>,
+    /// Off-CPU: leave out involuntary switches (preemption of a runnable thread).
+    #[arg(long)]
+    pub exclude_preempt: bool,
+    /// Off-CPU: leave out episodes shorter than this, e.g. 1ms [default: 0].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub min_block: Option<Duration>,
+    /// Off-CPU: record each switch-out with probability P (0 < P <= 1), decided in the kernel
+    /// before any stack walk, and scale counts and times by 1/P. For threads switching hundreds
+    /// of thousands of times per second [default: 1, exact].
+    #[arg(long, value_name = "P", value_parser = parse_probability)]
+    pub sample_probability: Option<f64>,
+    /// Off-CPU: what folded stacks and flame graphs are weighted by [default: time, in µs].
+    #[arg(long, value_enum)]
+    pub weight: Option<OffCpuWeight>,
     /// Output format [default: from the --output extension (.svg, .pb.gz), else folded].
     #[arg(long, value_enum)]
     pub format: Option<Format>,
@@ -43,42 +63,116 @@ pub struct ProfileArgs {
     /// How often kernel aggregates are drained and symbolized.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub drain_interval: Duration,
-    /// Do not read DWARF debug info (no inlined frames or source lines; faster on huge binaries).
+    /// Also read DWARF debug info: inlined functions as frames of their own, source files and
+    /// lines (pprof). Costs memory in proportion to the debug info of the profiled binaries.
     #[arg(long)]
-    pub no_debug_info: bool,
+    pub debug_info: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProfileType {
+    /// Where threads run: CPU samples (perf_event, cpu-clock).
+    OnCpu,
+    /// Where threads wait: context switches and blocked time (sched_switch).
+    OffCpu,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OffCpuWeight {
+    /// Off-CPU time, in microseconds.
+    Time,
+    /// Number of switches (episodes).
+    Switches,
+}
+
+/// A validated request for either profiler.
+enum Request {
+    OnCpu(OnCpuRequest),
+    OffCpu(OffCpuRequest),
+}
+
+impl Request {
+    /// What flame graphs and folded stacks are weighted by, and the flame graph's title.
+    fn weight_and_title(&self, off_cpu_weight: OffCpuWeight) -> (Weight, String) {
+        let weight = |value_index, divisor, unit_label: &str| Weight {
+            value_index,
+            divisor,
+            unit_label: unit_label.to_owned(),
+        };
+        let (run, weight, kind) = match self {
+            Request::OnCpu(request) => (&request.run, weight(0, 1, "samples"), "On-CPU"),
+            // Nanoseconds shown as microseconds, the unit off-CPU flame graphs use.
+            Request::OffCpu(request) => match off_cpu_weight {
+                OffCpuWeight::Time => (&request.run, weight(1, 1000, "us"), "Off-CPU time"),
+                OffCpuWeight::Switches => {
+                    (&request.run, weight(0, 1, "switches"), "Off-CPU switches")
+                }
+            },
+        };
+        let targets = match &run.targets {
+            Targets::All => "all processes".to_owned(),
+            Targets::Pids(pids) => format!("pid {}", join(pids)),
+        };
+        (weight, format!("{kind}: {targets}"))
+    }
 }
 
 pub(super) fn run(args: ProfileArgs) -> anyhow::Result<ExitCode> {
+    reject_flags_of_the_other_type(&args);
     let request = validate(&args)?;
     let output = Output::prepare(args.format, args.output.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let run = runtime.block_on(profile_on_cpu(&request, stop_signal()))?;
+    let run = runtime.block_on(async {
+        match &request {
+            Request::OnCpu(request) => profile_on_cpu(request, stop_signal()).await,
+            Request::OffCpu(request) => profile_off_cpu(request, stop_signal()).await,
+        }
+    })?;
 
     report_end(&run);
-    let weight = Weight {
-        value_index: 0,
-        divisor: 1,
-        unit_label: "samples".to_owned(),
-    };
-    let title = match &request.targets {
-        Targets::All => "On-CPU: all processes".to_owned(),
-        Targets::Pids(pids) => format!("On-CPU: pid {}", join(pids)),
-    };
+    let (weight, title) = request.weight_and_title(args.weight.unwrap_or(OffCpuWeight::Time));
     let written = output.write(&run.profile, &weight, &title)?;
-    eprintln!(
-        "rover-agent: {}; {written}",
-        summary(&run, request.frequency_hz)
-    );
+    eprintln!("rover-agent: {}; {written}", summary(&run));
     Ok(match run.end {
         EndReason::Failed(_) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     })
 }
 
-fn validate(args: &ProfileArgs) -> anyhow::Result<OnCpuRequest> {
+/// Flags of one profile type given with the other are usage errors (exit status 2).
+fn reject_flags_of_the_other_type(args: &ProfileArgs) {
+    let (given, other): (Vec<&str>, &str) = match args.profile_type {
+        ProfileType::OnCpu => (
+            [
+                (args.exclude_preempt, "--exclude-preempt"),
+                (args.min_block.is_some(), "--min-block"),
+                (args.sample_probability.is_some(), "--sample-probability"),
+                (args.weight.is_some(), "--weight"),
+            ]
+            .into_iter()
+            .filter_map(|(given, flag)| given.then_some(flag))
+            .collect(),
+            "off-cpu",
+        ),
+        ProfileType::OffCpu => (
+            args.frequency.map(|_| "--frequency").into_iter().collect(),
+            "on-cpu",
+        ),
+    };
+    if let Some(flag) = given.first() {
+        super::Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("{flag} only applies to --type {other}"),
+            )
+            .exit();
+    }
+}
+
+fn validate(args: &ProfileArgs) -> anyhow::Result<Request> {
     let targets = if args.all {
         Targets::All
     } else {
@@ -98,30 +192,49 @@ fn validate(args: &ProfileArgs) -> anyhow::Result<OnCpuRequest> {
     if args.drain_interval < Duration::from_millis(10) {
         bail!("--drain-interval must be at least 10ms");
     }
-    let max_rate = max_sample_rate();
-    if let Some(max_rate) = max_rate
-        && args.frequency > max_rate
-    {
-        bail!(
-            "--frequency {} exceeds the kernel's limit of {max_rate} Hz \
-             (sysctl kernel.perf_event_max_sample_rate): choose a lower frequency or raise the limit",
-            args.frequency
-        );
-    }
-    if args.frequency > 1_000_000_000 {
-        bail!("--frequency {} is above 1 GHz", args.frequency);
-    }
-    Ok(OnCpuRequest {
+    let run = RunSettings {
         targets,
         duration: args.duration,
-        frequency_hz: args.frequency,
         drain_interval: args.drain_interval,
         symbolizer: SymbolizerConfig {
-            debug_info: !args.no_debug_info,
-            // A CLI run keeps every exited process until it writes the profile.
-            exited_process_grace: args.duration + Duration::from_secs(60),
+            debug_info: args.debug_info,
+            // An exited process's last samples are drained within one interval.
+            exited_process_grace: (args.drain_interval * 5).max(Duration::from_secs(10)),
         },
-    })
+    };
+    if args.profile_type == ProfileType::OffCpu {
+        return Ok(Request::OffCpu(OffCpuRequest {
+            run,
+            exclude_preempt: args.exclude_preempt,
+            min_block: args.min_block.unwrap_or_default(),
+            sample_probability: args.sample_probability.unwrap_or(1.0),
+        }));
+    }
+    let frequency = args.frequency.unwrap_or(99);
+    if let Some(max_rate) = max_sample_rate()
+        && frequency > max_rate
+    {
+        bail!(
+            "--frequency {frequency} exceeds the kernel's limit of {max_rate} Hz \
+             (sysctl kernel.perf_event_max_sample_rate): choose a lower frequency or raise the limit"
+        );
+    }
+    if frequency > 1_000_000_000 {
+        bail!("--frequency {frequency} is above 1 GHz");
+    }
+    Ok(Request::OnCpu(OnCpuRequest {
+        run,
+        frequency_hz: frequency,
+    }))
+}
+
+fn parse_probability(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!(
+            "`{text}` is not a probability in (0, 1]: e.g. 0.1 keeps one switch in ten"
+        )),
+    }
 }
 
 fn max_sample_rate() -> Option<u64> {
@@ -172,35 +285,67 @@ fn report_end(run: &ProfileRun) {
         }
     }
     if run.profile.samples().is_empty() {
-        eprintln!(
-            "rover-agent: warning: no samples recorded (an on-CPU profile only sees threads \
-             that run on a CPU; the targets may have been idle)"
-        );
+        let why = match run.details {
+            RunDetails::OnCpu { .. } => {
+                "an on-CPU profile only sees threads that run on a CPU; the targets may have been idle"
+            }
+            RunDetails::OffCpu { .. } => {
+                "an off-CPU profile only sees threads that were switched out and back in"
+            }
+        };
+        eprintln!("rover-agent: warning: no samples recorded ({why})");
     }
 }
 
-fn summary(run: &ProfileRun, frequency_hz: u64) -> String {
+fn summary(run: &ProfileRun) -> String {
     let counters = &run.counters;
     let mut losses = format!(
-        "losses: {} (kernel stacks {}, user stacks {}, aggregate map full {})",
+        "losses: {} (kernel stacks {}, user stacks {}, aggregate map full {}",
         counters.losses(),
         counters.kernel_stack_lost,
         counters.user_stack_lost,
         counters.aggregate_full
     );
-    if counters.user_stack_truncated > 0 {
-        losses += &format!(", {} user stacks truncated", counters.user_stack_truncated);
+    let seconds = run.elapsed.as_secs_f64();
+    let head = match &run.details {
+        RunDetails::OnCpu { frequency_hz } => format!(
+            "{} samples, {} distinct stacks, {seconds:.2} s at {frequency_hz} Hz ({} idle, {} kernel-only)",
+            run.profile.total(0),
+            run.profile.samples().len(),
+            counters.idle,
+            counters.kernel_only,
+        ),
+        RunDetails::OffCpu {
+            sample_probability,
+            episodes,
+        } => {
+            losses += &format!(", thread map full {}", counters.thread_map_full);
+            let sampled = if *sample_probability < 1.0 {
+                format!(" (sampled with p = {sample_probability}, totals scaled by 1/p)")
+            } else {
+                String::new()
+            };
+            format!(
+                "{} switches, {:.3} s off-CPU, {} distinct stacks in {seconds:.2} s{sampled}; \
+                 not counted: {} episodes still open at the end, {} of vanished threads, \
+                 {} shorter than --min-block, {} preemptions excluded",
+                run.profile.total(0),
+                run.profile.total(1) as f64 / 1e9,
+                run.profile.samples().len(),
+                episodes.open_at_stop,
+                episodes.stale_removed,
+                counters.too_short,
+                counters.preempt_excluded,
+            )
+        }
+    };
+    losses += ")";
+    if counters.stack_truncated > 0 {
+        losses += &format!(", {} stacks truncated", counters.stack_truncated);
     }
     format!(
-        "{} samples, {} distinct stacks, {:.2} s at {frequency_hz} Hz ({} idle, {} kernel-only); \
-         {losses}; symbolization misses: {} of {} frames",
-        run.profile.total(0),
-        run.profile.samples().len(),
-        run.elapsed.as_secs_f64(),
-        counters.idle,
-        counters.kernel_only,
-        run.symbolize.unknown_frames,
-        run.symbolize.frames,
+        "{head}; {losses}; symbolization misses: {} of {} frames",
+        run.symbolize.unknown_frames, run.symbolize.frames,
     )
 }
 
@@ -221,6 +366,16 @@ mod tests {
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn probabilities_must_be_in_the_unit_interval() {
+        assert_eq!(parse_probability("0.1"), Ok(0.1));
+        assert_eq!(parse_probability("1"), Ok(1.0));
+        for bad in ["0", "1.5", "-0.2", "abc", "NaN"] {
+            let error = parse_probability(bad).expect_err(bad);
+            assert!(error.contains("(0, 1]"), "{bad}: {error}");
+        }
     }
 
     #[test]

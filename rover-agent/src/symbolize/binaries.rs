@@ -6,19 +6,23 @@
 //! one cache. The file stays open while any process snapshot uses it: it outlives its processes
 //! and its path (deleted binaries, other mount namespaces), and blazesym reads it through
 //! `/proc/self/fd/N`.
+//!
+//! A binary with a separate debug file ([`DebugFile`], looked for when the binary is opened) is
+//! looked up there first, then in the binary itself for what the debug file leaves unknown. The
+//! debug file is held open and closed with the binary.
 
 use std::collections::{HashMap, HashSet};
 use std::error::Error;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use blazesym::symbolize::source::{Elf, Source};
-use blazesym::symbolize::{Input, evict};
-use tracing::warn;
+use blazesym::symbolize::{Input, Reason, Symbolized, evict};
+use tracing::{debug, warn};
 
 use super::SymbolizeStats;
+use super::debug_file::{DebugFile, fd_path};
 use super::resolved::{SymbolCache, Symbols, fill_cache};
 
 /// A file as `/proc/PID/maps` identifies it.
@@ -38,6 +42,7 @@ struct Binary {
     fd_path: PathBuf,
     /// The path a process mapped it under, for log messages.
     name: String,
+    debug_file: Option<DebugFile>,
     symbols: SymbolCache,
     /// Set after blazesym failed on the whole file (malformed ELF...): not parsed again.
     broken: bool,
@@ -56,10 +61,11 @@ pub(super) struct BinaryCache {
 }
 
 impl BinaryCache {
-    /// The binary mapped from `file`, opening it with `open` only if it is not known yet.
-    /// `None` if the file cannot be used (warned once per file).
+    /// The binary mapped from `file` by process `pid`, opening it with `open` only if it is not
+    /// known yet. `None` if the file cannot be used (warned once per file).
     pub fn get_or_open(
         &mut self,
+        pid: u32,
         file: FileId,
         name: &str,
         open: impl FnOnce() -> io::Result<File>,
@@ -71,7 +77,7 @@ impl BinaryCache {
         if self.unusable.contains(&file) {
             return None;
         }
-        match self.open(name, open, stats) {
+        match self.open(pid, name, open, stats) {
             Ok(id) => {
                 self.by_file.insert(file, id);
                 Some(id)
@@ -86,12 +92,13 @@ impl BinaryCache {
 
     fn open(
         &mut self,
+        pid: u32,
         name: &str,
         open: impl FnOnce() -> io::Result<File>,
         stats: &mut SymbolizeStats,
     ) -> Result<BinaryId, Box<dyn Error>> {
         let file = open()?;
-        let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let fd_path = fd_path(&file);
         let build_id = blazesym::helper::read_elf_build_id(&fd_path)?.map(|id| id.into_owned());
         if let Some(&id) = build_id.as_ref().and_then(|id| self.by_build_id.get(id)) {
             return Ok(id);
@@ -99,6 +106,20 @@ impl BinaryCache {
         let id = BinaryId(self.next_id);
         self.next_id += 1;
         stats.binaries_opened += 1;
+        let debug_file = match build_id
+            .as_deref()
+            .map(|id| DebugFile::find(pid, id, &file))
+        {
+            Some(Ok(Some(debug_file))) => {
+                debug!(binary = name, debug_file = %debug_file.path.display(), "found debug file");
+                Some(debug_file)
+            }
+            Some(Ok(None)) | None => None,
+            Some(Err(error)) => {
+                warn!(binary = name, %error, "cannot use the debug file of binary");
+                None
+            }
+        };
         if let Some(build_id) = build_id {
             self.by_build_id.insert(build_id, id);
         }
@@ -108,6 +129,7 @@ impl BinaryCache {
                 _file: file,
                 fd_path,
                 name: name.to_owned(),
+                debug_file,
                 symbols: SymbolCache::new(),
                 broken: false,
                 warned: false,
@@ -124,7 +146,7 @@ impl BinaryCache {
             .unwrap_or_default()
     }
 
-    /// Looks up the file offsets not cached yet, one blazesym call per binary.
+    /// Looks up the file offsets not cached yet, one blazesym call per binary and file.
     pub fn resolve(
         &mut self,
         blazesym: &blazesym::symbolize::Symbolizer,
@@ -137,26 +159,57 @@ impl BinaryCache {
             let Some(binary) = self.binaries.get_mut(&group[0].0) else {
                 continue;
             };
-            if binary.broken {
+            let debug_file = binary.debug_file.as_mut().filter(|file| !file.broken);
+            if binary.broken && debug_file.is_none() {
                 continue;
             }
+            let mut debug_failed = None;
             let source = Source::Elf(Elf {
-                debug_syms: debug_info,
+                // The debug file holds the binary's DWARF: not read a second time (through the
+                // binary's debug link) for what it could not resolve.
+                debug_syms: debug_info && debug_file.is_none(),
                 ..Elf::new(&binary.fd_path)
             });
+            let binary_broken = binary.broken;
             let offsets = group.iter().map(|&(_, offset)| offset);
             let result = fill_cache(&mut binary.symbols, offsets, stats, |offsets| {
-                blazesym.symbolize(&source, Input::FileOffset(offsets))
+                let mut found = match debug_file {
+                    Some(file) => file
+                        .symbolize(blazesym, debug_info, offsets)
+                        .unwrap_or_else(|error| {
+                            file.broken = true;
+                            debug_failed = Some(error);
+                            unknown(offsets.len())
+                        }),
+                    None => unknown(offsets.len()),
+                };
+                let rest: Vec<usize> = (0..offsets.len())
+                    .filter(|&index| !matches!(found[index], Symbolized::Sym(_)))
+                    .collect();
+                if rest.is_empty() || binary_broken {
+                    return Ok(found);
+                }
+                let rest_offsets: Vec<u64> = rest.iter().map(|&index| offsets[index]).collect();
+                let in_binary = blazesym.symbolize(&source, Input::FileOffset(&rest_offsets))?;
+                for (index, symbolized) in rest.into_iter().zip(in_binary) {
+                    found[index] = symbolized;
+                }
+                Ok(found)
             });
-            let problem = match result {
-                Ok(0) => continue,
-                Ok(failed) => format!("{failed} lookups failed"),
+            let mut problems = Vec::new();
+            if let (Some(file), Some(error)) = (&binary.debug_file, debug_failed) {
+                problems.push(format!("debug file {}: {error}", file.path.display()));
+            }
+            match result {
+                Ok(0) => {}
+                Ok(failed) => problems.push(format!("{failed} lookups failed")),
                 Err(error) => {
                     binary.broken = true;
-                    error.to_string()
+                    problems.push(error.to_string());
                 }
-            };
-            if !binary.warned {
+            }
+            if !problems.is_empty() && !binary.warned {
+                let problem = problems.join("; ");
                 warn!(binary = binary.name, %problem, "cannot read symbols; frames stay unknown");
                 binary.warned = true;
             }
@@ -178,10 +231,13 @@ impl BinaryCache {
             if used_binaries.contains(id) {
                 return true;
             }
-            // blazesym must let go of the path before the fd number can name another file.
-            let evict = evict::Evict::Elf(evict::Elf::new(&binary.fd_path));
-            if let Err(error) = blazesym.evict(&evict) {
-                warn!(binary = binary.name, %error, "cannot evict binary from blazesym's cache");
+            // blazesym must let go of the paths before the fd numbers can name other files.
+            let debug_file = binary.debug_file.as_ref().map(|file| &file.fd_path);
+            for fd_path in [&binary.fd_path].into_iter().chain(debug_file) {
+                let evict = evict::Evict::Elf(evict::Elf::new(fd_path));
+                if let Err(error) = blazesym.evict(&evict) {
+                    warn!(binary = binary.name, %error, "cannot evict binary from blazesym's cache");
+                }
             }
             false
         });
@@ -191,4 +247,11 @@ impl BinaryCache {
     pub fn len(&self) -> usize {
         self.binaries.len()
     }
+}
+
+/// `count` results for addresses not looked up yet.
+fn unknown<'s>(count: usize) -> Vec<Symbolized<'s>> {
+    (0..count)
+        .map(|_| Symbolized::Unknown(Reason::UnknownAddr))
+        .collect()
 }

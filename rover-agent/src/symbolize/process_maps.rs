@@ -137,7 +137,7 @@ fn snapshot_mapping(
                 inode: map.inode,
             };
             let open = || open_mapped(pid, map.address, path, deleted);
-            let target = match binaries.get_or_open(file, &module, open, stats) {
+            let target = match binaries.get_or_open(pid, file, &module, open, stats) {
                 Some(binary) => Target::Binary(binary),
                 None => Target::Unusable(file),
             };

@@ -1,16 +1,29 @@
 //! Decides when stacks are drained, symbolized and folded into profiles: one runner per kind
 //! of profile.
 
+mod offcpu;
 mod oncpu;
+mod run;
 mod stacks;
 
+pub use offcpu::{OffCpuRequest, profile_off_cpu};
 pub use oncpu::{OnCpuRequest, profile_on_cpu};
 
 use std::time::Duration;
 
-use crate::bpf::Counters;
+use crate::bpf::{Counters, OpenEpisodes, Targets};
 use crate::profile::Profile;
-use crate::symbolize::SymbolizeStats;
+use crate::symbolize::{SymbolizeStats, SymbolizerConfig};
+
+/// What every profile run needs, whatever it records.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub targets: Targets,
+    pub duration: Duration,
+    /// How often the kernel aggregates are drained and symbolized.
+    pub drain_interval: Duration,
+    pub symbolizer: SymbolizerConfig,
+}
 
 /// Why a profiling run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,4 +46,18 @@ pub struct ProfileRun {
     pub symbolize: SymbolizeStats,
     pub elapsed: Duration,
     pub end: EndReason,
+    pub details: RunDetails,
+}
+
+/// What is particular to each kind of profile.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunDetails {
+    OnCpu {
+        frequency_hz: u64,
+    },
+    OffCpu {
+        sample_probability: f64,
+        /// Episodes not counted: open at stop, or of vanished threads.
+        episodes: OpenEpisodes,
+    },
 }

@@ -1,6 +1,7 @@
 //! Raw kernel stacks → profile samples: symbolize while the processes live, fold root first.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use crate::bpf::{RawFrames, RawStack};
 use crate::process;
@@ -30,6 +31,13 @@ impl StackFolder {
         &self.symbolizer
     }
 
+    /// Forgets processes that exited more than the symbolizer's grace period ago.
+    pub(super) fn retire_exited(&mut self) {
+        self.symbolizer.retire_exited(Instant::now());
+        let symbolizer = &self.symbolizer;
+        self.labels.retain(|&pid, _| symbolizer.knows(pid));
+    }
+
     /// Adds `values` to the symbolized stack of `raw`: process, user frames root first, then
     /// kernel frames root first.
     pub(super) fn add<V>(&mut self, profile: &mut Profile, raw: &RawStack<V>, values: &[u64]) {
@@ -52,6 +60,10 @@ impl StackFolder {
             RawFrames::Lost => frames.push(lost(FrameKind::Kernel)),
             RawFrames::Absent => {}
         }
+        if raw.preempted {
+            // Not kernel code: no kernel marking.
+            frames.push(synthetic(FrameKind::User, "[preempted]"));
+        }
         profile.add(&label, &frames, values);
     }
 
@@ -69,6 +81,11 @@ fn lost(kind: FrameKind) -> Frame {
         FrameKind::User => "[lost user stack]",
         FrameKind::Kernel => "[lost kernel stack]",
     };
+    synthetic(kind, name)
+}
+
+/// A frame the agent adds to say something about the stack (not code at an address).
+fn synthetic(kind: FrameKind, name: &str) -> Frame {
     Frame {
         kind,
         function: Some(name.to_owned()),

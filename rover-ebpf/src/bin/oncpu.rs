@@ -3,39 +3,11 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::{map, perf_event},
-    maps::{Array, HashMap, PerCpuArray},
-    programs::PerfEventContext,
-};
-use rover_common::{CONTROL_SLOTS, StackFrames, StackKey, counter};
-use rover_ebpf::{StackStore, atomic_add, count, generation, get_or_insert, is_target};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::perf_event, programs::PerfEventContext};
+use rover_common::{StackKey, counter};
+use rover_ebpf::{atomic_add, count, epoch, get_or_insert};
 
-/// Set at load time: non-zero to sample every process, zero to sample only `TARGETS`.
-#[unsafe(no_mangle)]
-static TARGET_ALL: u8 = 0;
-
-#[map]
-static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
-#[map]
-static CONTROL: Array<u32> = Array::with_max_entries(CONTROL_SLOTS, 0);
-#[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::SLOTS, 0);
-#[map]
-static SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(1, 0);
-
-// Two generations of aggregates and stacks: programs write one while user space drains the other.
-// Preallocated (run-time allocation can fail in this context); user space sizes them at load time
-// from the sample rate so that one drain interval's samples always fit.
-#[map]
-static COUNTS_0: HashMap<StackKey, u64> = HashMap::with_max_entries(1024, 0);
-#[map]
-static COUNTS_1: HashMap<StackKey, u64> = HashMap::with_max_entries(1024, 0);
-#[map]
-static STACKS_0: HashMap<u64, StackFrames> = HashMap::with_max_entries(2048, 0);
-#[map]
-static STACKS_1: HashMap<u64, StackFrames> = HashMap::with_max_entries(2048, 0);
+rover_ebpf::profiler_maps!(u64);
 
 #[perf_event]
 pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
@@ -52,20 +24,10 @@ fn sample(ctx: &PerfEventContext) {
         count(&COUNTERS, counter::SAMPLES_IDLE, 1);
         return;
     }
-    // SAFETY: a global written only at load time.
-    let all = unsafe { core::ptr::read_volatile(&TARGET_ALL) } != 0;
-    if !is_target(all, &TARGETS, tgid) {
+    if !targets().contains(tgid) {
         return;
     }
-    let (counts, stacks) = match generation(&CONTROL) {
-        0 => (&COUNTS_0, &STACKS_0),
-        _ => (&COUNTS_1, &STACKS_1),
-    };
-    let store = StackStore {
-        scratch: &SCRATCH,
-        stacks,
-        counters: &COUNTERS,
-    };
+    let (counts, store) = generation(epoch(&CONTROL));
     // SAFETY: the context points at the kernel's `bpf_perf_event_data`.
     let regs = unsafe { &(*ctx.ctx).regs };
     let kernel_stack = if regs.cs & 3 == 0 {
@@ -76,7 +38,7 @@ fn sample(ctx: &PerfEventContext) {
     let user_stack = store.user_stack(Some(regs));
     let key = StackKey {
         tgid,
-        _pad: 0,
+        flags: 0,
         user_stack,
         kernel_stack,
     };

@@ -1,47 +1,15 @@
-//! `cargo xtask bench ...`: overhead figures measured side by side with reference tools in one
-//! run, printed as ratios. Benchmarks print; they never pass or fail on a threshold.
+//! `cargo xtask bench oncpu`: whole-host sampling of a busy machine, rover-agent against
+//! `perf record -a -g` in the same run.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use clap::Subcommand;
+use anyhow::Context as _;
 
+use super::{BpfStats, KillOnDrop, measure_with_program_time};
 use crate::{setup, workloads, workspace_root};
 
-#[derive(Subcommand)]
-pub(crate) enum Bench {
-    /// Whole-host on-CPU sampling of a busy machine: rover-agent against `perf record -a -g`.
-    Oncpu {
-        #[arg(long, default_value_t = 30)]
-        seconds: u64,
-        #[arg(long, default_value_t = 99)]
-        frequency: u64,
-    },
-}
-
-pub(crate) fn run(bench: Bench) -> anyhow::Result<()> {
-    match bench {
-        Bench::Oncpu { seconds, frequency } => oncpu(seconds, frequency),
-    }
-}
-
-/// What a measured process cost.
-#[derive(Clone, Copy, Debug, Default)]
-struct Cost {
-    cpu: Duration,
-    peak_rss_kib: u64,
-}
-
-/// Time spent inside eBPF programs, from `kernel.bpf_stats_enabled`.
-#[derive(Clone, Copy, Debug, Default)]
-struct ProgramTime {
-    run_time: Duration,
-    runs: u64,
-}
-
-fn oncpu(seconds: u64, frequency: u64) -> anyhow::Result<()> {
+pub(super) fn run(seconds: u64, frequency: u64) -> anyhow::Result<()> {
     setup::run()?;
     let agent = workloads::build_agent()?;
     let out_dir = workspace_root().join("target/bench");
@@ -167,101 +135,4 @@ fn oncpu(seconds: u64, frequency: u64) -> anyhow::Result<()> {
          counted; rover-agent's in-kernel time is)"
     );
     Ok(())
-}
-
-/// Runs `command` to completion; returns its CPU time and peak RSS (from wait4) and the run
-/// time of the eBPF programs it held, polled from its fdinfo while it ran.
-fn measure_with_program_time(command: &mut Command) -> anyhow::Result<(Cost, ProgramTime)> {
-    let child = command
-        .spawn()
-        .with_context(|| format!("starting {command:?}"))?;
-    let pid = child.id() as libc::pid_t;
-    let mut program = ProgramTime::default();
-    loop {
-        let mut status = 0;
-        let mut usage = zeroed_rusage();
-        // SAFETY: wait4 writes into the two locals.
-        let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-        if reaped == pid {
-            if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-                bail!("{command:?} failed (wait status {status})");
-            }
-            let cpu = timeval(usage.ru_utime) + timeval(usage.ru_stime);
-            let cost = Cost {
-                cpu,
-                peak_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
-            };
-            return Ok((cost, program));
-        }
-        if reaped < 0 {
-            bail!("wait4 on {command:?}: {}", std::io::Error::last_os_error());
-        }
-        if let Some(now) = program_time(child.id()) {
-            program = now;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn zeroed_rusage() -> libc::rusage {
-    // SAFETY: rusage is plain integers; all-zero is valid.
-    unsafe { std::mem::zeroed() }
-}
-
-fn timeval(value: libc::timeval) -> Duration {
-    Duration::from_secs(value.tv_sec as u64) + Duration::from_micros(value.tv_usec as u64)
-}
-
-/// Sums `run_time_ns`/`run_cnt` over the eBPF program descriptors process `pid` holds.
-fn program_time(pid: u32) -> Option<ProgramTime> {
-    let mut total = ProgramTime::default();
-    let mut found = false;
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()? {
-        let Ok(text) = std::fs::read_to_string(entry.ok()?.path()) else {
-            continue;
-        };
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|value| value.trim().parse::<u64>().ok())
-        };
-        if let (Some(run_time_ns), Some(runs)) = (field("run_time_ns:"), field("run_cnt:")) {
-            total.run_time += Duration::from_nanos(run_time_ns);
-            total.runs += runs;
-            found = true;
-        }
-    }
-    found.then_some(total)
-}
-
-/// Turns on `kernel.bpf_stats_enabled` for the benchmark and restores it afterwards.
-struct BpfStats {
-    previous: String,
-}
-
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-impl BpfStats {
-    fn enable() -> anyhow::Result<Self> {
-        let previous =
-            std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
-        std::fs::write(BPF_STATS, "1")
-            .with_context(|| format!("enabling {BPF_STATS} (needs root)"))?;
-        Ok(Self { previous })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Path::new(BPF_STATS), self.previous.trim());
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -1,0 +1,72 @@
+//! The off-CPU profiler's kernel state, through the library: per-thread entries end with their
+//! threads, and drains neither lose nor double-count episodes.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{bpf_available, machine_lock, workload_path};
+use rover_agent::bpf::{OffCpuConfig, OffCpuProbe, Targets};
+
+/// thread_churn creates THREADS threads that each sleep SLEEPS times (MS ms) and exit. With
+/// drains every 10 ms racing the episodes, everything recorded comes out exactly once, and once
+/// the workload is gone the kernel keeps no state for any of its threads.
+#[test]
+fn per_thread_state_ends_with_the_threads_and_drains_are_exact() {
+    if !bpf_available("per_thread_state_ends_with_the_threads_and_drains_are_exact") {
+        return;
+    }
+    let _lock = machine_lock();
+    let (threads, sleeps) = (200u64, 3u64);
+    let mut workload = Command::new(workload_path("thread_churn"))
+        .args([&threads.to_string(), &sleeps.to_string(), "5", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start thread_churn");
+    let mut probe = OffCpuProbe::start(&OffCpuConfig {
+        targets: Targets::Pids(vec![workload.id()]),
+        exclude_preempt: false,
+        min_block: Duration::ZERO,
+        sample_probability: 1.0,
+    })
+    .expect("off-CPU profiler starts");
+    workload
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"g")
+        .expect("start the threads");
+
+    let mut switches = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let drain = |probe: &mut OffCpuProbe| {
+        let drained = probe.drain().expect("drain");
+        drained
+            .iter()
+            .map(|stack| stack.value.switches)
+            .sum::<u64>()
+    };
+    while workload.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "thread_churn did not finish");
+        switches += drain(&mut probe);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    switches += drain(&mut probe);
+    probe.stop().expect("detach");
+    switches += drain(&mut probe);
+
+    let counters = probe.counters().expect("counters");
+    assert_eq!(counters.losses(), 0, "{counters:?}");
+    assert_eq!(
+        switches, counters.recorded,
+        "drained episodes differ from recorded ones"
+    );
+    assert!(
+        counters.recorded >= threads * sleeps,
+        "{} episodes recorded, expected at least {threads} threads × {sleeps} sleeps",
+        counters.recorded
+    );
+    let left = probe.tracked_threads().expect("count thread entries");
+    assert_eq!(left, 0, "{left} per-thread entries outlived their threads");
+}

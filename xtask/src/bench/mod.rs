@@ -1,0 +1,174 @@
+//! `cargo xtask bench ...`: overhead figures measured side by side with reference tools in one
+//! run, printed as ratios. Benchmarks print; they never pass or fail on a threshold.
+
+mod offcpu;
+mod oncpu;
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub(crate) enum Bench {
+    /// Whole-host on-CPU sampling of a busy machine: rover-agent against `perf record -a -g`.
+    Oncpu {
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        #[arg(long, default_value_t = 99)]
+        frequency: u64,
+    },
+    /// Off-CPU profiling of a pinned ping-pong (about a million switches per second):
+    /// rover-agent exact, sampled and targeting another process, against bpftrace.
+    Offcpu {
+        /// Length of each measured run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Runs of each configuration, alternating; medians are reported.
+        #[arg(long, default_value_t = 5)]
+        repetitions: usize,
+    },
+}
+
+pub(crate) fn run(bench: Bench) -> anyhow::Result<()> {
+    let _lock = machine_lock()?;
+    match bench {
+        Bench::Oncpu { seconds, frequency } => oncpu::run(seconds, frequency),
+        Bench::Offcpu {
+            seconds,
+            repetitions,
+        } => offcpu::run(seconds, repetitions),
+    }
+}
+
+/// What a measured process cost.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Cost {
+    pub cpu: Duration,
+    pub peak_rss_kib: u64,
+}
+
+/// Time spent inside eBPF programs, from `kernel.bpf_stats_enabled`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct ProgramTime {
+    pub run_time: Duration,
+    pub runs: u64,
+}
+
+/// Runs `command` to completion; returns its CPU time and peak RSS (from wait4) and the run
+/// time of the eBPF programs it held, polled from its fdinfo while it ran.
+pub(super) fn measure_with_program_time(
+    command: &mut Command,
+) -> anyhow::Result<(Cost, ProgramTime)> {
+    let child = command
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    let pid = child.id() as libc::pid_t;
+    let mut program = ProgramTime::default();
+    loop {
+        let mut status = 0;
+        let mut usage = zeroed_rusage();
+        // SAFETY: wait4 writes into the two locals.
+        let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if reaped == pid {
+            if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+                bail!("{command:?} failed (wait status {status})");
+            }
+            let cpu = timeval(usage.ru_utime) + timeval(usage.ru_stime);
+            let cost = Cost {
+                cpu,
+                peak_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+            };
+            return Ok((cost, program));
+        }
+        if reaped < 0 {
+            bail!("wait4 on {command:?}: {}", std::io::Error::last_os_error());
+        }
+        if let Some(now) = program_time(child.id()) {
+            program = now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub(super) fn zeroed_rusage() -> libc::rusage {
+    // SAFETY: rusage is plain integers; all-zero is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+pub(super) fn timeval(value: libc::timeval) -> Duration {
+    Duration::from_secs(value.tv_sec as u64) + Duration::from_micros(value.tv_usec as u64)
+}
+
+/// Sums `run_time_ns`/`run_cnt` over the eBPF program descriptors process `pid` holds.
+pub(super) fn program_time(pid: u32) -> Option<ProgramTime> {
+    let mut total = ProgramTime::default();
+    let mut found = false;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()? {
+        let Ok(text) = std::fs::read_to_string(entry.ok()?.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| value.trim().parse::<u64>().ok())
+        };
+        if let (Some(run_time_ns), Some(runs)) = (field("run_time_ns:"), field("run_cnt:")) {
+            total.run_time += Duration::from_nanos(run_time_ns);
+            total.runs += runs;
+            found = true;
+        }
+    }
+    found.then_some(total)
+}
+
+/// Turns on `kernel.bpf_stats_enabled` for the benchmark and restores it afterwards.
+pub(super) struct BpfStats {
+    previous: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub(super) fn enable() -> anyhow::Result<Self> {
+        let previous =
+            std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1")
+            .with_context(|| format!("enabling {BPF_STATS} (needs root)"))?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Path::new(BPF_STATS), self.previous.trim());
+    }
+}
+
+pub(super) struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lock the integration tests take around whatever loads BPF or measures the machine
+/// (tests/src/lib.rs): a benchmark beside them would measure their load, and disturb them.
+fn machine_lock() -> anyhow::Result<std::fs::File> {
+    let path = std::env::temp_dir().join("rover-rs-integration-tests.lock");
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    if file.try_lock().is_err() {
+        eprintln!(
+            "bench: waiting for the integration tests to finish ({})",
+            path.display()
+        );
+        file.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
+    }
+    Ok(file)
+}
