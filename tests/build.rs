@@ -1,5 +1,6 @@
-//! Builds the test workloads (tests/workloads) with frame pointers and without sibling-call
-//! optimization, so that every function the tests look for keeps its own frame.
+//! Builds the test workloads (tests/workloads) with the flags in `workloads/cflags` (frame
+//! pointers, no optimization: see `workloads/common.h`), so that every function the tests look
+//! for keeps its own frame.
 
 use std::env;
 use std::path::PathBuf;
@@ -25,17 +26,12 @@ fn main() {
     println!("cargo:rerun-if-changed={}", source_dir.display());
     println!("cargo:rustc-env=WORKLOAD_DIR={}", out_dir.display());
 
+    let cflags = std::fs::read_to_string(source_dir.join("cflags")).expect("workloads/cflags");
     let compiler = cc::Build::new().get_compiler();
     for name in C_WORKLOADS {
         let mut command = compiler.to_command();
         command
-            .args([
-                "-O0",
-                "-g",
-                "-fno-omit-frame-pointer",
-                "-fno-optimize-sibling-calls",
-                "-pthread",
-            ])
+            .args(cflags.split_whitespace())
             .arg(source_dir.join(format!("{name}.c")))
             .arg("-o")
             .arg(out_dir.join(name));

@@ -27,6 +27,13 @@ use rover_common::{
 
 const EEXIST: i32 = 17;
 
+// Shared by the program objects. The verifier rejects any program that could reach it.
+#[cfg(all(target_arch = "bpf", not(test)))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
 /// Declares what every profiling program has, the names user space (`bpf/`) looks up: the
 /// `TARGET_ALL` global, the target filter, the epoch, the counters, the stack scratch buffer
 /// and two generations of aggregates (with values `$value`) and stacks (see

@@ -30,12 +30,20 @@ impl Deref for DecodedProfile {
 }
 
 impl DecodedProfile {
-    pub fn string(&self, index: i64) -> String {
+    /// `(type, unit)` of each sample value.
+    pub fn sample_types(&self) -> Vec<(&str, &str)> {
+        let string = |index: i64| self.string(index).as_str();
+        self.sample_type
+            .iter()
+            .map(|value_type| (string(value_type.r#type), string(value_type.unit)))
+            .collect()
+    }
+
+    pub fn string(&self, index: i64) -> &String {
         usize::try_from(index)
             .ok()
             .and_then(|index| self.string_table.get(index))
             .unwrap_or_else(|| panic!("string index {index} outside the table"))
-            .clone()
     }
 
     /// Sums of the first two values over samples with a frame in function `name`.
@@ -43,7 +51,7 @@ impl DecodedProfile {
         let functions: HashMap<u64, String> = self
             .function
             .iter()
-            .map(|function| (function.id, self.string(function.name)))
+            .map(|function| (function.id, self.string(function.name).clone()))
             .collect();
         let locations: HashMap<u64, bool> = self
             .location

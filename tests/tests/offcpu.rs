@@ -269,7 +269,7 @@ fn pprof_stacks(profile: &DecodedProfile) -> Vec<PprofStack> {
             .line
             .iter()
             .rev()
-            .map(|line| function_name(line.function_id))
+            .map(|line| function_name(line.function_id).clone())
             .collect()
     };
     profile
@@ -307,20 +307,43 @@ fn describe(profile: &DecodedProfile) -> String {
     text
 }
 
-fn assert_off_cpu_sample_types(profile: &DecodedProfile, context: &str) {
-    let types: Vec<(String, String)> = profile
-        .sample_type
-        .iter()
-        .map(|t| (profile.string(t.r#type), profile.string(t.unit)))
-        .collect();
-    assert_eq!(
-        types,
-        [
-            ("switches".to_owned(), "count".to_owned()),
-            ("off_cpu".to_owned(), "nanoseconds".to_owned())
-        ],
-        "{context}"
-    );
+/// What a pprof off-CPU run gave: the decoded profile, the workload's stdout, the agent's
+/// stderr, and all of it as context for assertion messages.
+struct PprofRun {
+    profile: DecodedProfile,
+    workload: String,
+    stderr: String,
+    context: String,
+}
+
+impl PprofRun {
+    fn new(output: &Path, workload: String, stderr: String) -> Self {
+        let profile = integration_tests::pprof::read(output);
+        let context = format!(
+            "workload:\n{workload}{}agent stderr:\n{stderr}",
+            describe(&profile)
+        );
+        assert_eq!(
+            profile.sample_types(),
+            [("switches", "count"), ("off_cpu", "nanoseconds")],
+            "{context}"
+        );
+        Self {
+            profile,
+            workload,
+            stderr,
+            context,
+        }
+    }
+}
+
+/// Profiles a gated workload off-CPU into pprof (plus `agent_args`) and decodes the result.
+fn profile_gated_pprof(workload: Gated, agent_args: &[&str], dir: &Path) -> PprofRun {
+    let output = dir.join("offcpu.pb.gz");
+    let mut args = vec!["--format", "pprof"];
+    args.extend_from_slice(agent_args);
+    let (stderr, stdout) = profile_gated(workload, &args, &output, dir, Duration::from_secs(30));
+    PprofRun::new(&output, stdout, stderr)
 }
 
 fn ends_preempted(stack: &[String]) -> bool {
@@ -336,24 +359,16 @@ fn sleeps_in_a_named_function_are_counted_and_timed() {
     let dir = tempfile::tempdir().expect("temp dir");
     const SLEEPS: i64 = 50;
     const SLEEP_MS: i64 = 20;
-    let output = dir.path().join("offcpu.pb.gz");
     let workload = Gated::spawn(
         "sleeper",
         &[&SLEEPS.to_string(), &SLEEP_MS.to_string(), "-"],
     );
-    let (stderr, truth) = profile_gated(
-        workload,
-        &["--format", "pprof"],
-        &output,
-        dir.path(),
-        Duration::from_secs(30),
-    );
-    let profile = integration_tests::pprof::read(&output);
-    let context = format!(
-        "workload: {truth}{}agent stderr:\n{stderr}",
-        describe(&profile)
-    );
-    assert_off_cpu_sample_types(&profile, &context);
+    let PprofRun {
+        profile,
+        workload: truth,
+        context,
+        ..
+    } = profile_gated_pprof(workload, &[], dir.path());
 
     let (switches, off_cpu_ns) = profile.samples_with_function("sleep_in_named_function");
     eprintln!(
@@ -495,12 +510,9 @@ fn a_preempted_cpu_bound_thread_is_off_cpu_only_as_preempted() {
     let output = dir.path().join("offcpu.pb.gz");
     let (stderr, stdout) = profile_preempted_spinner(&["--format", "pprof"], &output, dir.path());
     let truth = spin_truth(&stdout);
-    let profile = integration_tests::pprof::read(&output);
-    let context = format!(
-        "workload: {stdout}{}agent stderr:\n{stderr}",
-        describe(&profile)
-    );
-    assert_off_cpu_sample_types(&profile, &context);
+    let PprofRun {
+        profile, context, ..
+    } = PprofRun::new(&output, stdout, stderr);
     let stacks = pprof_stacks(&profile);
     let total_ns: i64 = stacks.iter().map(|stack| stack.off_cpu_ns).sum();
     let preempted = stacks.iter().filter(|stack| {
@@ -611,23 +623,13 @@ fn pingpong_truth(stdout: &str, thread: &str) -> ThreadTruth {
 /// thread's own truth; returns the context for further assertions.
 fn check_pingpong(extra_args: &[&str], time_tolerance: f64, switch_tolerance: f64) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
-    let output = dir.path().join("offcpu.pb.gz");
-    let mut args = vec!["--format", "pprof"];
-    args.extend_from_slice(extra_args);
     let workload = Gated::spawn("pingpong", &["3", "-"]);
-    let (stderr, stdout) = profile_gated(
-        workload,
-        &args,
-        &output,
-        dir.path(),
-        Duration::from_secs(30),
-    );
-    let profile = integration_tests::pprof::read(&output);
-    let context = format!(
-        "workload:\n{stdout}{}agent stderr:\n{stderr}",
-        describe(&profile)
-    );
-    assert_off_cpu_sample_types(&profile, &context);
+    let PprofRun {
+        profile,
+        workload: stdout,
+        stderr,
+        context,
+    } = profile_gated_pprof(workload, extra_args, dir.path());
     // Preconditions: the two threads had CPU 0 to themselves, at a high switch rate. Each
     // thread is off CPU while the other runs or something else does, so the sum of their
     // off-CPU times exceeds the wall time by what the rest of the machine took from CPU 0.
@@ -718,7 +720,6 @@ fn short_lived_threads_are_each_counted_and_leave_no_state() {
     const THREADS: i64 = 100;
     const SLEEPS: i64 = 3;
     const SLEEP_MS: i64 = 5;
-    let output = dir.path().join("offcpu.pb.gz");
     let workload = Gated::spawn(
         "thread_churn",
         &[
@@ -728,18 +729,12 @@ fn short_lived_threads_are_each_counted_and_leave_no_state() {
             "-",
         ],
     );
-    let (stderr, stdout) = profile_gated(
-        workload,
-        &["--format", "pprof"],
-        &output,
-        dir.path(),
-        Duration::from_secs(30),
-    );
-    let profile = integration_tests::pprof::read(&output);
-    let context = format!(
-        "workload: {stdout}{}agent stderr:\n{stderr}",
-        describe(&profile)
-    );
+    let PprofRun {
+        profile,
+        stderr,
+        context,
+        ..
+    } = profile_gated_pprof(workload, &[], dir.path());
     let (switches, off_cpu_ns) = profile.samples_with_function("churn_sleep");
     let episodes = THREADS * SLEEPS;
     let expected_ns = episodes * SLEEP_MS * 1_000_000;

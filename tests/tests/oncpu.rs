@@ -224,17 +224,9 @@ fn svg_and_pprof_outputs_carry_the_profile() {
     assert!(svg.starts_with("<?xml") && svg.contains("hot_a") && svg.contains("hot_b"));
 
     let profile = integration_tests::pprof::read(&dir.path().join("cpu.pb.gz"));
-    let types: Vec<(String, String)> = profile
-        .sample_type
-        .iter()
-        .map(|t| (profile.string(t.r#type), profile.string(t.unit)))
-        .collect();
     assert_eq!(
-        types,
-        [
-            ("samples".to_owned(), "count".to_owned()),
-            ("cpu".to_owned(), "nanoseconds".to_owned())
-        ]
+        profile.sample_types(),
+        [("samples", "count"), ("cpu", "nanoseconds")]
     );
     let hot_a = profile.samples_with_function("hot_a");
     assert!(hot_a.0 > 0, "no pprof sample in hot_a");

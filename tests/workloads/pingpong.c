@@ -43,24 +43,6 @@ static double ping_seconds;
 static struct truth ping_truth, pong_truth;
 static pthread_barrier_t start_barrier;
 
-__attribute__((noinline)) static void wait_for_start(int argc, char **argv, int index) {
-    if (argc <= index) return;
-    if (strcmp(argv[index], "-") == 0) {
-        char byte;
-        if (read(0, &byte, 1) != 1) exit(3);
-        return;
-    }
-    long ms = atol(argv[index]);
-    struct timespec delay = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&delay, NULL);
-}
-
-static int64_t clock_ns(clockid_t clock) {
-    struct timespec t;
-    clock_gettime(clock, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
 /* Bounces until `seconds` have passed, then sends 'q' and waits for its echo. */
 __attribute__((noinline)) long ping_bounce(double seconds) {
     double end = now_seconds() + seconds;

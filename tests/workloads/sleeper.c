@@ -15,26 +15,8 @@
 #include <unistd.h>
 #include "common.h"
 
-__attribute__((noinline)) static void wait_for_start(int argc, char **argv, int index) {
-    if (argc <= index) return;
-    if (strcmp(argv[index], "-") == 0) {
-        char byte;
-        if (read(0, &byte, 1) != 1) exit(3);
-        return;
-    }
-    long ms = atol(argv[index]);
-    struct timespec delay = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&delay, NULL);
-}
-
 __attribute__((noinline)) void sleep_in_named_function(long ms) {
-    struct timespec request = {ms / 1000, (ms % 1000) * 1000000L};
-    long result;
-    __asm__ volatile("syscall"
-                     : "=a"(result)
-                     : "a"(35L /* SYS_nanosleep */), "D"(&request), "S"(0L)
-                     : "rcx", "r11", "memory");
-    if (result != 0) exit(4);
+    raw_nanosleep_ms(ms);
 }
 
 int main(int argc, char **argv) {

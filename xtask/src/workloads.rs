@@ -1,5 +1,5 @@
 //! The C workloads of tests/workloads, built for the demo and the benchmarks with the flags the
-//! integration tests use (tests/build.rs): frame pointers on, no sibling-call optimization.
+//! integration tests use (`tests/workloads/cflags`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,20 +10,15 @@ use crate::{run, workspace_root};
 
 /// Compiles `tests/workloads/NAME.c` into `out_dir/NAME` and returns the path.
 pub(crate) fn build(name: &str, out_dir: &Path) -> anyhow::Result<PathBuf> {
-    let source = workspace_root()
-        .join("tests/workloads")
-        .join(format!("{name}.c"));
+    let workloads = workspace_root().join("tests/workloads");
+    let source = workloads.join(format!("{name}.c"));
+    let cflags = std::fs::read_to_string(workloads.join("cflags"))
+        .with_context(|| format!("reading {}/cflags", workloads.display()))?;
     let binary = out_dir.join(name);
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     run(
         Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".to_owned()))
-            .args([
-                "-O0",
-                "-g",
-                "-fno-omit-frame-pointer",
-                "-fno-optimize-sibling-calls",
-                "-pthread",
-            ])
+            .args(cflags.split_whitespace())
             .arg(&source)
             .arg("-o")
             .arg(&binary),

@@ -56,3 +56,25 @@ pub(super) fn load<'a, V: Pod>(
         counters,
     })
 }
+
+/// The program `name` of a loaded `object`, as its type `P`.
+pub(super) fn program<'e, P>(
+    ebpf: &'e mut Ebpf,
+    object: &'static str,
+    name: &'static str,
+) -> Result<&'e mut P, Error>
+where
+    &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::Missing {
+            object,
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| Error::Program {
+            program: name,
+            source,
+        })
+}

@@ -221,17 +221,7 @@ fn scale(value: OffCpuValue, p: f64) -> OffCpu {
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut BtfTracePoint, Error> {
-    ebpf.program_mut(PROGRAM)
-        .ok_or(Error::Missing {
-            object: OBJECT,
-            kind: "program",
-            name: PROGRAM,
-        })?
-        .try_into()
-        .map_err(|source| Error::Program {
-            program: PROGRAM,
-            source,
-        })
+    super::loader::program(ebpf, OBJECT, PROGRAM)
 }
 
 fn attach(ebpf: &mut Ebpf) -> Result<BtfTracePointLinkId, Error> {

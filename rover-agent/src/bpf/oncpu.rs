@@ -103,17 +103,7 @@ impl OnCpuProbe {
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut PerfEvent, Error> {
-    ebpf.program_mut(PROGRAM)
-        .ok_or(Error::Missing {
-            object: OBJECT,
-            kind: "program",
-            name: PROGRAM,
-        })?
-        .try_into()
-        .map_err(|source| Error::Program {
-            program: PROGRAM,
-            source,
-        })
+    super::loader::program(ebpf, OBJECT, PROGRAM)
 }
 
 fn attach(ebpf: &mut Ebpf, frequency_hz: u64, cpus: &[u32]) -> Result<Vec<PerfEventLinkId>, Error> {

@@ -227,12 +227,6 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
     thread.start_ns = now;
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
