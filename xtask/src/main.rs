@@ -99,9 +99,12 @@ pub(crate) fn cargo(root: &Path) -> Command {
     command
 }
 
-/// Runs a command to completion, failing with its command line if it fails.
+/// Runs a command to completion, failing with its command line if it fails. Nothing is read
+/// from stdin: whatever the caller's stdin holds must not reach tools that probe it (cargo's
+/// rustc probes read source from stdin).
 pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
     let status = command
+        .stdin(std::process::Stdio::null())
         .status()
         .with_context(|| format!("cannot start {command:?}"))?;
     if !status.success() {
@@ -113,6 +116,7 @@ pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
 /// Runs a command and returns its stdout, failing with its stderr if it fails.
 pub(crate) fn output(command: &mut Command) -> anyhow::Result<String> {
     let output = command
+        .stdin(std::process::Stdio::null())
         .output()
         .with_context(|| format!("cannot start {command:?}"))?;
     if !output.status.success() {
