@@ -99,12 +99,18 @@ pub(crate) fn cargo(root: &Path) -> Command {
     command
 }
 
-/// Runs a command to completion, failing with its command line if it fails. Nothing is read
-/// from stdin: whatever the caller's stdin holds must not reach tools that probe it (cargo's
-/// rustc probes read source from stdin).
-pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command
+/// Prepares a child process: no stdin (nothing here is interactive), and without the library
+/// path `cargo run` gives xtask (its `target/debug/deps`), which would make a nested cargo's
+/// rustc load libraries from there and fail in confusing ways.
+fn isolate(command: &mut Command) -> &mut Command {
+    command
         .stdin(std::process::Stdio::null())
+        .env_remove("LD_LIBRARY_PATH")
+}
+
+/// Runs a command to completion, failing with its command line if it fails.
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = isolate(command)
         .status()
         .with_context(|| format!("cannot start {command:?}"))?;
     if !status.success() {
@@ -115,8 +121,7 @@ pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
 
 /// Runs a command and returns its stdout, failing with its stderr if it fails.
 pub(crate) fn output(command: &mut Command) -> anyhow::Result<String> {
-    let output = command
-        .stdin(std::process::Stdio::null())
+    let output = isolate(command)
         .output()
         .with_context(|| format!("cannot start {command:?}"))?;
     if !output.status.success() {

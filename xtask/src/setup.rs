@@ -48,10 +48,7 @@ fn ensure_nightly_components() -> anyhow::Result<()> {
 /// that library, whose file name carries the LLVM and toolchain versions; after a nightly
 /// update it no longer starts, and is rebuilt.
 fn ensure_bpf_linker(nightly_version: &str) -> anyhow::Result<()> {
-    let works = Command::new("rustup")
-        .args(["run", "nightly", "bpf-linker", "--version"])
-        .output()
-        .is_ok_and(|output| output.status.success());
+    let works = linker_starts();
     if works {
         return Ok(());
     }
@@ -99,14 +96,16 @@ fn ensure_bpf_linker(nightly_version: &str) -> anyhow::Result<()> {
     );
     let _ = std::fs::remove_dir_all(&prefix);
     result?;
-    let works = Command::new("rustup")
-        .args(["run", "nightly", "bpf-linker", "--version"])
-        .output()
-        .is_ok_and(|output| output.status.success());
+    let works = linker_starts();
     if !works {
         bail!("bpf-linker was installed but does not start under `rustup run nightly`");
     }
     Ok(())
+}
+
+/// Whether bpf-linker starts under the nightly toolchain.
+fn linker_starts() -> bool {
+    output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])).is_ok()
 }
 
 fn llvm_major(rustc_version: &str) -> anyhow::Result<u32> {
