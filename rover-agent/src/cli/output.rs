@@ -43,10 +43,17 @@ pub(super) struct Output {
 
 enum Destination {
     Stdout,
-    /// Written to a temporary file beside `path`, renamed over it when complete.
+    /// A regular file: written to a temporary file beside `path`, renamed over it when complete,
+    /// so that an interrupted write never leaves half a profile.
     File {
         path: PathBuf,
         temporary: tempfile::NamedTempFile,
+    },
+    /// Something that is not a regular file (`/dev/null`, a FIFO, a terminal): opened and
+    /// written in place; renaming over it would replace a device with a file.
+    Special {
+        path: PathBuf,
+        file: std::fs::File,
     },
 }
 
@@ -68,6 +75,24 @@ impl Output {
             return Ok(Self {
                 format,
                 destination: Destination::Stdout,
+            });
+        }
+        if let Ok(metadata) = std::fs::metadata(&path)
+            && !metadata.is_file()
+        {
+            if metadata.is_dir() {
+                anyhow::bail!(
+                    "--output {} is a directory: name a file in it",
+                    path.display()
+                );
+            }
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("cannot write --output {}", path.display()))?;
+            return Ok(Self {
+                format,
+                destination: Destination::Special { path, file },
             });
         }
         let directory = match path.parent() {
@@ -132,6 +157,13 @@ impl Output {
                 })?;
                 Ok(format!("wrote {format} to {}", path.display()))
             }
+            Destination::Special { path, mut file } => {
+                exporter
+                    .export(profile, &mut file)
+                    .and_then(|()| file.flush())
+                    .with_context(|| format!("writing the profile to {}", path.display()))?;
+                Ok(format!("wrote {format} to {}", path.display()))
+            }
         }
     }
 }
@@ -160,6 +192,44 @@ mod tests {
             Some(Format::Folded)
         );
         assert_eq!(Format::from_path(Path::new("noext")), None);
+    }
+
+    #[test]
+    fn special_files_are_written_in_place_not_replaced() {
+        use std::os::unix::fs::FileTypeExt as _;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fifo = dir.path().join("profile.fifo");
+        let name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0, "mkfifo");
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).expect("read fifo"))
+        };
+        let output = Output::prepare(Some(Format::Folded), Some(&fifo)).expect("prepare");
+        let profile = Profile::new(
+            vec![crate::profile::ValueType::new("samples", "count")],
+            std::time::SystemTime::now(),
+        );
+        let weight = Weight {
+            value_index: 0,
+            divisor: 1,
+            unit_label: "samples".to_owned(),
+        };
+        output.write(&profile, &weight, "title").expect("write");
+        reader.join().expect("reader");
+        let kind = std::fs::metadata(&fifo).expect("still there").file_type();
+        assert!(kind.is_fifo(), "the FIFO was replaced by {kind:?}");
+    }
+
+    #[test]
+    fn a_directory_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let error = Output::prepare(None, Some(dir.path()))
+            .err()
+            .map(|error| format!("{error:#}"))
+            .unwrap_or_default();
+        assert!(error.contains("is a directory"), "{error}");
     }
 
     #[test]
