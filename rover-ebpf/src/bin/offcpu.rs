@@ -137,7 +137,10 @@ fn switch_in(next: *mut task_struct) -> Option<u64> {
                     &raw mut (*value).off_cpu_ns,
                     episode_ns.saturating_sub(thread.capture_ns),
                 );
-                atomic_add(&raw mut (*value).capture_ns, thread.capture_ns);
+                // Zero in exact mode: spare the locked add.
+                if thread.capture_ns != 0 {
+                    atomic_add(&raw mut (*value).capture_ns, thread.capture_ns);
+                }
             }
             count(&COUNTERS, counter::RECORDED, 1);
         }
