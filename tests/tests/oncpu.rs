@@ -275,3 +275,41 @@ fn draining_loses_and_double_counts_nothing() {
         "drained counts differ from recorded samples"
     );
 }
+
+/// Ctrl-C (SIGINT) and SIGTERM end the profile early, write what was captured and exit cleanly.
+#[test]
+fn sigint_and_sigterm_stop_the_profile_and_write_it() {
+    if !bpf_available("sigint_and_sigterm_stop_the_profile_and_write_it") {
+        return;
+    }
+    let _lock = machine_lock();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let workload = Workload::spawn("cpu_split", &["20"]);
+    let pid = workload.pid().to_string();
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        let output = dir.path().join(format!("{name}.folded"));
+        let agent = agent()
+            .args(["profile", "--pid", &pid, "--duration", "60s", "--output"])
+            .arg(&output)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the agent");
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(agent.id() as libc::pid_t, signal) };
+        let started = std::time::Instant::now();
+        let finished = agent.wait_with_output().expect("agent exits");
+        let stderr = String::from_utf8_lossy(&finished.stderr);
+        assert!(finished.status.success(), "{name}: {stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name}: slow to stop"
+        );
+        assert!(stderr.contains(&format!("stopped by {name}")), "{stderr}");
+        let folded = Folded::read(&output);
+        assert!(
+            folded.with_frame(is("hot_a")) > 0,
+            "{name}: nothing written\n{folded}\n{stderr}"
+        );
+    }
+}
