@@ -47,6 +47,16 @@ fn invalid_frequencies_are_refused() {
 #[test]
 fn invalid_durations_are_refused() {
     assert_fails(
+        &profile(&["--all", "--duration", "400d"]),
+        1,
+        "--duration must be at most a year",
+    );
+    assert_fails(
+        &profile(&["--all", "--drain-interval", "5m"]),
+        1,
+        "--drain-interval must be between 10ms and 60s",
+    );
+    assert_fails(
         &profile(&["--all", "--duration", "0s"]),
         1,
         "--duration must be longer than zero",

@@ -189,8 +189,15 @@ fn validate(args: &ProfileArgs) -> anyhow::Result<Request> {
     if args.duration.is_zero() {
         bail!("--duration must be longer than zero, e.g. --duration 10s");
     }
-    if args.drain_interval < Duration::from_millis(10) {
-        bail!("--drain-interval must be at least 10ms");
+    // A year bounds every time computation (deadlines, grace periods) far from overflow.
+    const YEAR: Duration = Duration::from_secs(366 * 24 * 3600);
+    if args.duration > YEAR {
+        bail!("--duration must be at most a year (366d); use a shorter profile");
+    }
+    if args.drain_interval < Duration::from_millis(10)
+        || args.drain_interval > Duration::from_secs(60)
+    {
+        bail!("--drain-interval must be between 10ms and 60s");
     }
     let run = RunSettings {
         targets,
