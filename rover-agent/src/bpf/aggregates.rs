@@ -47,9 +47,9 @@ struct CachedStack {
 pub(super) struct Aggregates<V> {
     control: Array<MapData, u32>,
     generations: [Generation<V>; 2],
-    /// What `CONTROL` holds: programs write generation `epoch & 1`.
-    epoch: u32,
     stacks: StdHashMap<u64, CachedStack>,
+    /// Drains so far; the epoch in `CONTROL` is this number (truncated), so programs write
+    /// generation `drains & 1`.
     drains: u64,
 }
 
@@ -70,24 +70,21 @@ impl<V: Pod> Aggregates<V> {
         let mut aggregates = Self {
             control,
             generations,
-            epoch: 0,
             stacks: StdHashMap::new(),
             drains: 0,
         };
-        aggregates.set_epoch(0)?;
+        aggregates.publish_epoch()?;
         Ok(aggregates)
     }
 
-    fn set_epoch(&mut self, epoch: u32) -> Result<(), Error> {
+    fn publish_epoch(&mut self) -> Result<(), Error> {
         self.control
-            .set(CONTROL_EPOCH, epoch, 0)
+            .set(CONTROL_EPOCH, self.drains as u32, 0)
             .map_err(|source| Error::Map {
                 map: "CONTROL",
                 operation: "update",
                 source,
-            })?;
-        self.epoch = epoch;
-        Ok(())
+            })
     }
 
     /// Everything recorded since the previous drain. `referenced` lists stack references that
@@ -96,10 +93,10 @@ impl<V: Pod> Aggregates<V> {
         &mut self,
         referenced: impl IntoIterator<Item = u64>,
     ) -> Result<Vec<RawStack<V>>, Error> {
-        let index = (self.epoch & 1) as usize;
-        self.set_epoch(self.epoch.wrapping_add(1))?;
-        wait_for_running_programs()?;
+        let index = (self.drains & 1) as usize;
         self.drains += 1;
+        self.publish_epoch()?;
+        wait_for_running_programs()?;
         let now = self.drains;
 
         let generation = &mut self.generations[index];

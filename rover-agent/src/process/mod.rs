@@ -2,7 +2,7 @@
 
 use crate::profile::ProcessLabel;
 
-/// Name and pid of a live process, or a `pid-N` placeholder if it is gone.
+/// Name and pid of a live process; a process already gone is named `pid-N`.
 pub fn label(pid: u32) -> ProcessLabel {
     let name = procfs_process(pid)
         .and_then(|process| process.stat().ok())
@@ -35,7 +35,7 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_pid_gets_a_placeholder() {
+    fn a_missing_pid_is_named_by_its_number() {
         // pid_max is at most 2^22: this pid cannot exist.
         let gone = label(u32::MAX / 2);
         assert_eq!(gone.name, format!("pid-{}", u32::MAX / 2));

@@ -189,12 +189,7 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
         count(&COUNTERS, counter::NOT_SAMPLED, 1);
         return;
     }
-    let new = OffCpuThread {
-        tgid,
-        tid,
-        ..OffCpuThread::default()
-    };
-    let Some(thread) = get_or_insert(&THREADS, &task, &new) else {
+    let Some(thread) = get_or_insert(&THREADS, &task, &OffCpuThread::default()) else {
         count(&COUNTERS, counter::THREAD_MAP_FULL, 1);
         return;
     };
@@ -226,6 +221,10 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
         let capture_end = unsafe { bpf_ktime_get_ns() };
         capture_end - capture_start
     };
+    // Refreshed every time: a task's address outlives it only if its last switch-out was
+    // missed, and may then come back as another thread.
+    thread.tgid = tgid;
+    thread.tid = tid;
     thread.flags = if preempted { STACK_FLAG_PREEMPTED } else { 0 };
     thread.start_ns = now;
 }
