@@ -100,8 +100,8 @@ pub(crate) fn cargo(root: &Path) -> Command {
 }
 
 /// Prepares a child process: no stdin (nothing here is interactive), and without the library
-/// path `cargo run` gives xtask (its `target/debug/deps`), which would make a nested cargo's
-/// rustc load libraries from there and fail in confusing ways.
+/// path `cargo run` gives xtask (its `target/debug/deps`), which is no business of the cargo,
+/// rustc or rustup a task runs.
 fn isolate(command: &mut Command) -> &mut Command {
     command
         .stdin(std::process::Stdio::null())
