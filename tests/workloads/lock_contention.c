@@ -21,17 +21,22 @@ static int lock_word;
 static double end_time;
 static long acquisitions, contended;
 
+/* futex(2) as a `syscall` instruction inlined into the caller, so that frame-pointer unwinding
+ * keeps the calling function (Debian's libc has no frame pointers). */
+__attribute__((always_inline)) static inline void raw_futex(int *word, long op, long value) {
+    long result;
+    register long timeout __asm__("r10") = 0;
+    __asm__ volatile("syscall"
+                     : "=a"(result)
+                     : "a"(202L /* SYS_futex */), "D"(word), "S"(op), "d"(value), "r"(timeout)
+                     : "rcx", "r11", "memory");
+    (void)result;
+}
+
 __attribute__((noinline)) void wait_for_lock(int *word) {
     int seen = 2;
     while ((seen = __atomic_exchange_n(word, 2, __ATOMIC_ACQUIRE)) != 0) {
-        long result;
-        register long timeout __asm__("r10") = 0;
-        __asm__ volatile("syscall"
-                         : "=a"(result)
-                         : "a"(202L /* SYS_futex */), "D"(word), "S"((long)FUTEX_WAIT_PRIVATE),
-                           "d"(2L), "r"(timeout)
-                         : "rcx", "r11", "memory");
-        (void)result;
+        raw_futex(word, FUTEX_WAIT_PRIVATE, 2);
     }
 }
 
@@ -46,14 +51,7 @@ __attribute__((noinline)) void lock_acquire(int *word) {
 __attribute__((noinline)) void lock_release(int *word) {
     if (__atomic_fetch_sub(word, 1, __ATOMIC_RELEASE) != 1) {
         __atomic_store_n(word, 0, __ATOMIC_RELEASE);
-        long result;
-        register long timeout __asm__("r10") = 0;
-        __asm__ volatile("syscall"
-                         : "=a"(result)
-                         : "a"(202L /* SYS_futex */), "D"(word), "S"((long)FUTEX_WAKE_PRIVATE),
-                           "d"(1L), "r"(timeout)
-                         : "rcx", "r11", "memory");
-        (void)result;
+        raw_futex(word, FUTEX_WAKE_PRIVATE, 1);
     }
 }
 

@@ -75,7 +75,7 @@ impl OnCpuProbe {
 
     /// Detaches from every CPU: no sample is recorded after this returns, so a following
     /// [`drain`](Self::drain) collects everything and the counters are final.
-    pub fn stop_sampling(&mut self) -> Result<(), Error> {
+    pub fn stop(&mut self) -> Result<(), Error> {
         let program = program(&mut self.ebpf)?;
         for link in self.links.drain(..) {
             program.detach(link).map_err(|source| Error::Program {

@@ -62,15 +62,11 @@ pub async fn profile_off_cpu(
         OpenEpisodes::default()
     });
     info!(end = ?outcome.end, elapsed = ?outcome.elapsed, "off-CPU profiling ended");
-    Ok(ProfileRun {
+    Ok(outcome.into_run(
         profile,
-        counters: outcome.counters,
-        symbolize: outcome.symbolize,
-        elapsed: outcome.elapsed,
-        end: outcome.end,
-        details: RunDetails::OffCpu {
+        RunDetails::OffCpu {
             sample_probability: request.sample_probability,
             episodes,
         },
-    })
+    ))
 }

@@ -54,14 +54,10 @@ pub async fn profile_on_cpu(
     )
     .await;
     info!(end = ?outcome.end, elapsed = ?outcome.elapsed, "on-CPU sampling ended");
-    Ok(ProfileRun {
+    Ok(outcome.into_run(
         profile,
-        counters: outcome.counters,
-        symbolize: outcome.symbolize,
-        elapsed: outcome.elapsed,
-        end: outcome.end,
-        details: RunDetails::OnCpu {
+        RunDetails::OnCpu {
             frequency_hz: request.frequency_hz,
         },
-    })
+    ))
 }

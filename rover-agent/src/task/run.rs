@@ -9,7 +9,7 @@ use tokio::time::{MissedTickBehavior, interval_at, sleep_until};
 use tracing::{debug, warn};
 
 use super::stacks::StackFolder;
-use super::{EndReason, RunSettings};
+use super::{EndReason, ProfileRun, RunDetails, RunSettings};
 use crate::bpf::{self, Counters, OffCpu, OffCpuProbe, OnCpuProbe, RawStack, Targets};
 use crate::process;
 use crate::profile::Profile;
@@ -30,7 +30,7 @@ impl Recorder for OnCpuProbe {
         OnCpuProbe::drain(self)
     }
     fn stop(&mut self) -> Result<(), bpf::Error> {
-        self.stop_sampling()
+        OnCpuProbe::stop(self)
     }
     fn counters(&self) -> Result<Counters, bpf::Error> {
         OnCpuProbe::counters(self)
@@ -50,12 +50,25 @@ impl Recorder for OffCpuProbe {
     }
 }
 
-/// How a run went, for [`super::ProfileRun`].
+/// How a run went.
 pub(super) struct Outcome {
     pub end: EndReason,
     pub counters: Counters,
     pub symbolize: SymbolizeStats,
     pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub(super) fn into_run(self, profile: Profile, details: RunDetails) -> ProfileRun {
+        ProfileRun {
+            profile,
+            counters: self.counters,
+            symbolize: self.symbolize,
+            elapsed: self.elapsed,
+            end: self.end,
+            details,
+        }
+    }
 }
 
 /// Runs `recorder` into `profile`; `values` gives the profile values (in the profile's order)
