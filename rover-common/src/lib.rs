@@ -56,19 +56,19 @@ pub struct OffCpuValue {
     pub capture_ns: u64,
 }
 
-/// Off-CPU state of one target thread, keyed by the task's address: the episode opened at its
-/// last switch-out (closed again at its switch-in, when the kernel stack is read: it does not
-/// change while the thread is switched out), and the stacks of its previous episode. The entry
-/// lives until the thread dies, so switches update it in place instead of inserting and
-/// deleting.
+/// Off-CPU state of one target thread, in task-local storage (it ends with the task): the
+/// episode opened at its last switch-out, with the user stack captured then, and the stacks
+/// its previous episode stored. The episode is closed at the thread's switch-in, when its
+/// kernel stack is read (it does not change while the thread is switched out) and both stacks
+/// are stored in the generation the aggregate goes to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub struct OffCpuThread {
-    /// When the thread was switched out (`bpf_ktime_get_ns` at the top of the program);
-    /// 0 when no episode is open.
+    /// When the thread was switched out; 0 when no episode is open.
     pub start_ns: u64,
     /// How long the user stack capture took (sampled mode only).
     pub capture_ns: u64,
+    /// Reference of the open episode's user stack; its frames are in `user_frames`.
     pub user_stack: u64,
     /// The stacks of the previous episode and the epoch they were stored in: an equal stack in
     /// the same epoch need not be looked up in the stack map again.
@@ -76,11 +76,11 @@ pub struct OffCpuThread {
     pub last_kernel_stack: u64,
     pub last_user_epoch: u32,
     pub last_kernel_epoch: u32,
+    /// The thread's process; 0 until the state is first used.
     pub tgid: u32,
-    /// The thread, for user space to find entries of threads that vanished.
-    pub tid: u32,
+    /// `STACK_FLAG_*` bits of the open episode.
     pub flags: u32,
-    pub _pad: u32,
+    pub user_frames: StackFrames,
 }
 
 /// Slot of the `CONTROL` array map holding the epoch: user space increments it at every drain;
@@ -108,14 +108,21 @@ pub mod counter {
     /// Stacks deeper than `MAX_STACK_FRAMES` (user) or `MAX_KERNEL_FRAMES` (kernel), kept
     /// truncated.
     pub const STACK_TRUNCATED: u32 = 7;
-    /// Off-CPU: a switch-out could not be recorded because the per-thread map was full.
-    pub const THREAD_MAP_FULL: u32 = 8;
+    /// Off-CPU: a switch-out could not be recorded because per-thread state could not be
+    /// allocated.
+    pub const THREAD_STATE_LOST: u32 = 8;
     /// Off-CPU: switch-outs of targets not kept by sampling (not losses).
     pub const NOT_SAMPLED: u32 = 9;
     /// Off-CPU: episodes shorter than the minimum block time (not losses).
     pub const TOO_SHORT: u32 = 10;
     /// Off-CPU: involuntary switch-outs left out on request (not losses).
     pub const PREEMPT_EXCLUDED: u32 = 11;
+    /// Off-CPU: episodes opened. Those not closed by the end (recorded, too short or aggregate
+    /// map full) were still open when profiling stopped.
+    pub const EPISODES_OPENED: u32 = 12;
+    /// Off-CPU: per-thread states created, and deleted at their thread's exit.
+    pub const THREADS_CREATED: u32 = 13;
+    pub const THREADS_DELETED: u32 = 14;
     /// Number of slots in the map.
     pub const SLOTS: u32 = 16;
 }
@@ -123,7 +130,7 @@ pub mod counter {
 const _: () = assert!(core::mem::size_of::<StackKey>() == 24);
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 * (MAX_STACK_FRAMES + 1));
 const _: () = assert!(core::mem::size_of::<OffCpuValue>() == 24);
-const _: () = assert!(core::mem::size_of::<OffCpuThread>() == 64);
+const _: () = assert!(core::mem::size_of::<OffCpuThread>() == 56 + 8 * (MAX_STACK_FRAMES + 1));
 
 #[cfg(feature = "user")]
 mod pod {
@@ -131,5 +138,4 @@ mod pod {
     unsafe impl aya::Pod for super::StackKey {}
     unsafe impl aya::Pod for super::StackFrames {}
     unsafe impl aya::Pod for super::OffCpuValue {}
-    unsafe impl aya::Pod for super::OffCpuThread {}
 }

@@ -11,11 +11,11 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_NOEXIST, pt_regs, task_struct},
+    bindings::{BPF_LOCAL_STORAGE_GET_F_CREATE, BPF_NOEXIST, pt_regs, task_struct},
     cty::c_void,
     helpers::{
         bpf_get_current_task_btf, bpf_get_stack, bpf_get_task_stack, bpf_probe_read_user,
-        bpf_task_pt_regs,
+        bpf_task_pt_regs, bpf_task_storage_delete, bpf_task_storage_get,
     },
     maps::{Array, HashMap, PerCpuArray},
 };
@@ -219,9 +219,11 @@ fn stack_reference(hash: u64) -> u64 {
 }
 
 const KERNEL_SEED: u64 = 0x6b65_726e_656c;
+
 const USER_SEED: u64 = 0x7573_6572;
 
-/// What a capture left in the scratch buffer.
+/// What a capture left in its buffer.
+#[derive(Clone, Copy)]
 pub enum Captured {
     /// A stack, and the reference it will be stored under.
     Stack(u64),
@@ -231,9 +233,31 @@ pub enum Captured {
     Lost,
 }
 
-/// Where stacks are captured (the per-CPU scratch buffer) and stored (the generation's stack
-/// map, deduplicated by hash), with the counters for losses. A capture is followed by
-/// [`store`](Self::store) unless the caller knows the stack is stored already.
+impl Captured {
+    /// The reference the stack will have once stored: its hash, [`NO_STACK`] or [`LOST_STACK`].
+    #[inline(always)]
+    pub fn reference(self) -> u64 {
+        match self {
+            Self::Stack(hash) => hash,
+            Self::Absent => NO_STACK,
+            Self::Lost => LOST_STACK,
+        }
+    }
+
+    /// What a stack [`reference`](Self::reference) says was captured.
+    #[inline(always)]
+    pub fn from_reference(reference: u64) -> Self {
+        match reference {
+            NO_STACK => Self::Absent,
+            LOST_STACK => Self::Lost,
+            hash => Self::Stack(hash),
+        }
+    }
+}
+
+/// Where stacks are captured (the per-CPU scratch buffer, or the caller's) and stored (the
+/// generation's stack map, deduplicated by hash), with the counters for losses. A capture is
+/// followed by a store unless the caller knows the stack is stored already.
 pub struct StackStore<'a> {
     pub scratch: &'a PerCpuArray<StackFrames>,
     pub stacks: &'a HashMap<u64, StackFrames>,
@@ -290,62 +314,38 @@ impl StackStore<'_> {
         self.store(captured, counter::USER_STACK_LOST)
     }
 
-    /// Captures the user stack of the current task by walking frame pointers from its user
-    /// registers: the interrupted registers when they are user mode, else the registers saved
-    /// at kernel entry. Kernel threads have none.
+    /// Captures the user stack of the current task into the scratch buffer (see
+    /// [`capture_user_into`](Self::capture_user_into)).
     #[inline(always)]
     pub fn capture_user(&self, interrupted: Option<&pt_regs>) -> Captured {
-        let Some(regs) = user_registers(interrupted) else {
-            count(self.counters, counter::KERNEL_ONLY, 1);
-            return Captured::Absent;
-        };
         let Some(trace) = self.scratch.get_ptr_mut(0) else {
             return Captured::Lost;
         };
         // SAFETY: a valid per-CPU scratch value; programs do not nest on one CPU.
-        let trace = unsafe { &mut *trace };
-        trace.frames[0] = regs.ip;
-        // The hash is computed during the walk: after the loop nothing depends on where it
-        // ended, which lets the verifier merge the exits instead of checking the rest once each.
-        let mut hash = mix(USER_SEED, regs.ip);
-        let mut len = 1;
-        let mut frame_pointer = regs.frame_pointer;
-        for i in 1..MAX_STACK_FRAMES {
-            // A frame record is [saved frame pointer, return address], 8-byte aligned.
-            if frame_pointer == 0 || frame_pointer & 7 != 0 {
-                break;
-            }
-            // SAFETY: reading user memory through the fault-tolerant helper.
-            let Ok([next_frame_pointer, return_address]) =
-                (unsafe { bpf_probe_read_user(frame_pointer as *const [u64; 2]) })
-            else {
-                break;
-            };
-            if return_address == 0 {
-                break;
-            }
-            if let Some(slot) = trace.frames.get_mut(i) {
-                *slot = return_address;
-            }
-            hash = mix(hash, return_address);
-            len = i + 1;
-            // Callers' frames lie above: anything else is a corrupt chain.
-            if next_frame_pointer <= frame_pointer {
-                break;
-            }
-            frame_pointer = next_frame_pointer;
-        }
-        if len == MAX_STACK_FRAMES {
-            count(self.counters, counter::STACK_TRUNCATED, 1);
-        }
-        trace.len = len as u64;
-        Captured::Stack(stack_reference(hash))
+        capture_user_into(unsafe { &mut *trace }, interrupted, self.counters)
     }
 
-    /// Stores the stack just captured (deduplicated by its hash) and returns its reference:
-    /// [`NO_STACK`], or [`LOST_STACK`] (counted in `lost_counter`) if it cannot be stored.
+    /// Stores the stack just captured in the scratch buffer (deduplicated by its hash) and
+    /// returns its reference: [`NO_STACK`], or [`LOST_STACK`] (counted in `lost_counter`) if it
+    /// cannot be stored.
     #[inline(always)]
     pub fn store(&self, captured: Captured, lost_counter: u32) -> u64 {
+        self.store_with(captured, lost_counter, || self.scratch.get(0))
+    }
+
+    /// [`store`](Self::store) for a stack captured into `trace`.
+    #[inline(always)]
+    pub fn store_from(&self, captured: Captured, trace: &StackFrames, lost_counter: u32) -> u64 {
+        self.store_with(captured, lost_counter, || Some(trace))
+    }
+
+    #[inline(always)]
+    fn store_with<'t>(
+        &self,
+        captured: Captured,
+        lost_counter: u32,
+        trace: impl FnOnce() -> Option<&'t StackFrames>,
+    ) -> u64 {
         let reference = match captured {
             Captured::Stack(reference) => reference,
             Captured::Absent => return NO_STACK,
@@ -354,11 +354,10 @@ impl StackStore<'_> {
         if self.stacks.get_ptr(reference).is_some() {
             return reference;
         }
-        let Some(trace) = self.scratch.get(0) else {
+        let Some(trace) = trace() else {
             return LOST_STACK;
         };
-        // By reference: the map copies the value from the scratch buffer (1 KiB does not fit
-        // on the BPF stack).
+        // By reference: the map copies the value (1 KiB does not fit on the BPF stack).
         match self.stacks.insert(reference, trace, BPF_NOEXIST.into()) {
             Ok(()) => reference,
             Err(error) if error == -EEXIST => reference,
@@ -368,6 +367,57 @@ impl StackStore<'_> {
             }
         }
     }
+}
+
+/// Captures the user stack of the current task into `trace` by walking frame pointers from its
+/// user registers: the interrupted registers when they are user mode, else the registers saved
+/// at kernel entry. Kernel threads have none.
+#[inline(always)]
+pub fn capture_user_into(
+    trace: &mut StackFrames,
+    interrupted: Option<&pt_regs>,
+    counters: &PerCpuArray<u64>,
+) -> Captured {
+    let Some(regs) = user_registers(interrupted) else {
+        count(counters, counter::KERNEL_ONLY, 1);
+        return Captured::Absent;
+    };
+    trace.frames[0] = regs.ip;
+    // The hash is computed during the walk: after the loop nothing depends on where it
+    // ended, which lets the verifier merge the exits instead of checking the rest once each.
+    let mut hash = mix(USER_SEED, regs.ip);
+    let mut len = 1;
+    let mut frame_pointer = regs.frame_pointer;
+    for i in 1..MAX_STACK_FRAMES {
+        // A frame record is [saved frame pointer, return address], 8-byte aligned.
+        if frame_pointer == 0 || frame_pointer & 7 != 0 {
+            break;
+        }
+        // SAFETY: reading user memory through the fault-tolerant helper.
+        let Ok([next_frame_pointer, return_address]) =
+            (unsafe { bpf_probe_read_user(frame_pointer as *const [u64; 2]) })
+        else {
+            break;
+        };
+        if return_address == 0 {
+            break;
+        }
+        if let Some(slot) = trace.frames.get_mut(i) {
+            *slot = return_address;
+        }
+        hash = mix(hash, return_address);
+        len = i + 1;
+        // Callers' frames lie above: anything else is a corrupt chain.
+        if next_frame_pointer <= frame_pointer {
+            break;
+        }
+        frame_pointer = next_frame_pointer;
+    }
+    if len == MAX_STACK_FRAMES {
+        count(counters, counter::STACK_TRUNCATED, 1);
+    }
+    trace.len = len as u64;
+    Captured::Stack(stack_reference(hash))
 }
 
 struct UserRegisters {
@@ -408,4 +458,83 @@ fn user_registers(interrupted: Option<&pt_regs>) -> Option<UserRegisters> {
 #[inline(always)]
 fn is_user_mode(regs: &pt_regs) -> bool {
     regs.cs & 3 == 3
+}
+
+/// A task-local storage map (`BPF_MAP_TYPE_TASK_STORAGE`), which aya-ebpf 0.2.1 lacks: a value
+/// hangs off each task that has one, found through the task itself (no hashing), and the
+/// kernel frees it with the task. Declared as a BTF map (`#[btf_map]`): the kernel requires
+/// the key and value types of local storage maps.
+#[repr(C)]
+pub struct TaskStorage<T> {
+    // The BTF map definition encodes its attributes in the types of these fields.
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: the fields are placeholders for the loader, never dereferenced.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> Default for TaskStorage<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> TaskStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn as_ptr(&self) -> *mut c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+
+    /// The value of `task`, if it has one.
+    ///
+    /// # Safety
+    /// `task` must be a task pointer the verifier trusts.
+    #[inline(always)]
+    pub unsafe fn get(&self, task: *mut task_struct) -> Option<*mut T> {
+        // SAFETY: guaranteed by the caller.
+        let value = unsafe { bpf_task_storage_get(self.as_ptr(), task, core::ptr::null_mut(), 0) };
+        (!value.is_null()).then_some(value.cast())
+    }
+
+    /// The value of `task`, created zeroed if it has none; `None` if it cannot be allocated.
+    ///
+    /// # Safety
+    /// As [`get`](Self::get).
+    #[inline(always)]
+    pub unsafe fn get_or_create(&self, task: *mut task_struct) -> Option<*mut T> {
+        // SAFETY: guaranteed by the caller.
+        let value = unsafe {
+            bpf_task_storage_get(
+                self.as_ptr(),
+                task,
+                core::ptr::null_mut(),
+                BPF_LOCAL_STORAGE_GET_F_CREATE.into(),
+            )
+        };
+        (!value.is_null()).then_some(value.cast())
+    }
+
+    /// Deletes the value of `task`; true if it had one.
+    ///
+    /// # Safety
+    /// As [`get`](Self::get).
+    #[inline(always)]
+    pub unsafe fn delete(&self, task: *mut task_struct) -> bool {
+        // SAFETY: guaranteed by the caller.
+        unsafe { bpf_task_storage_delete(self.as_ptr(), task) == 0 }
+    }
 }

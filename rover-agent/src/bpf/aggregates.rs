@@ -8,18 +8,13 @@
 //! 2. waits until no program can still be writing the old one: `membarrier(MEMBARRIER_CMD_GLOBAL)`
 //!    is a `synchronize_rcu()`, and BPF programs run non-preemptible inside RCU read-side
 //!    sections, so every program that read the old generation has returned when it does;
-//! 3. copies every stack of the old generation into a user-space cache, then reads every
-//!    aggregate of the old generation, resolving its stacks through the cache;
+//! 3. reads every stack of the old generation, then every aggregate, resolving its stacks;
 //! 4. deletes every key of the old generation's maps, leaving them empty for the next flip.
 //!
 //! Each recorded event is thus read exactly once; the `recorded` counter checks it (see the
-//! exact-count integration test).
-//!
-//! The cache exists because an aggregate may reference a stack stored in an earlier generation:
-//! an off-CPU episode captures its stacks when the thread is switched out and is aggregated when
-//! it comes back, possibly many drains later. Programs store a stack in the generation current
-//! at capture, so every stack passes through step 3 once; the cache keeps it while the caller
-//! says it is still referenced (open episodes) and for two drains after its last use.
+//! exact-count integration test). Programs store the stacks an aggregate references in the
+//! aggregate's own generation (off-CPU episodes store theirs when they close), so step 3 finds
+//! them all.
 
 use std::collections::HashMap as StdHashMap;
 use std::io;
@@ -38,16 +33,9 @@ struct Generation<V> {
     stacks: HashMap<MapData, u64, StackFrames>,
 }
 
-/// A stack read from the kernel, and the drain that last needed it.
-struct CachedStack {
-    frames: Vec<u64>,
-    last_used: u64,
-}
-
 pub(super) struct Aggregates<V> {
     control: Array<MapData, u32>,
     generations: [Generation<V>; 2],
-    stacks: StdHashMap<u64, CachedStack>,
     /// Drains so far; the epoch in `CONTROL` is this number (truncated), so programs write
     /// generation `drains & 1`.
     drains: u64,
@@ -70,7 +58,6 @@ impl<V: Pod> Aggregates<V> {
         let mut aggregates = Self {
             control,
             generations,
-            stacks: StdHashMap::new(),
             drains: 0,
         };
         aggregates.publish_epoch()?;
@@ -87,20 +74,16 @@ impl<V: Pod> Aggregates<V> {
             })
     }
 
-    /// Everything recorded since the previous drain. `referenced` lists stack references that
-    /// are still in use outside the aggregates (open off-CPU episodes): their stacks are kept.
-    pub(super) fn drain(
-        &mut self,
-        referenced: impl IntoIterator<Item = u64>,
-    ) -> Result<Vec<RawStack<V>>, Error> {
+    /// Everything recorded since the previous drain.
+    pub(super) fn drain(&mut self) -> Result<Vec<RawStack<V>>, Error> {
         let index = (self.drains & 1) as usize;
         self.drains += 1;
         self.publish_epoch()?;
         wait_for_running_programs()?;
-        let now = self.drains;
 
         let generation = &mut self.generations[index];
         let stack_keys = collect_keys(generation.stacks.keys(), STACKS[index])?;
+        let mut stacks = StdHashMap::with_capacity(stack_keys.len());
         for &hash in &stack_keys {
             let trace = generation
                 .stacks
@@ -111,13 +94,7 @@ impl<V: Pod> Aggregates<V> {
                     source,
                 })?;
             let len = (trace.len as usize).min(trace.frames.len());
-            self.stacks.insert(
-                hash,
-                CachedStack {
-                    frames: trace.frames[..len].to_vec(),
-                    last_used: now,
-                },
-            );
+            stacks.insert(hash, trace.frames[..len].to_vec());
         }
 
         let keys = collect_keys(generation.counts.keys(), COUNTS[index])?;
@@ -131,8 +108,8 @@ impl<V: Pod> Aggregates<V> {
             drained_stacks.push(RawStack {
                 tgid: key.tgid,
                 preempted: key.flags & STACK_FLAG_PREEMPTED != 0,
-                user: resolve(&mut self.stacks, key.user_stack, now),
-                kernel: resolve(&mut self.stacks, key.kernel_stack, now),
+                user: resolve(&stacks, key.user_stack),
+                kernel: resolve(&stacks, key.kernel_stack),
                 value,
             });
         }
@@ -142,27 +119,17 @@ impl<V: Pod> Aggregates<V> {
         for hash in &stack_keys {
             remove(generation.stacks.remove(hash), STACKS[index])?;
         }
-
-        for hash in referenced {
-            if let Some(stack) = self.stacks.get_mut(&hash) {
-                stack.last_used = now;
-            }
-        }
-        self.stacks.retain(|_, stack| stack.last_used + 2 >= now);
         Ok(drained_stacks)
     }
 }
 
-/// A stack reference as frames: from the cache (marking it used), or lost if it is not there.
-fn resolve(stacks: &mut StdHashMap<u64, CachedStack>, reference: u64, now: u64) -> RawFrames {
+/// A stack reference as frames, or lost if its stack is not in the generation.
+fn resolve(stacks: &StdHashMap<u64, Vec<u64>>, reference: u64) -> RawFrames {
     match reference {
         NO_STACK => RawFrames::Absent,
         LOST_STACK => RawFrames::Lost,
-        hash => match stacks.get_mut(&hash) {
-            Some(stack) => {
-                stack.last_used = now;
-                RawFrames::Captured(stack.frames.clone())
-            }
+        hash => match stacks.get(&hash) {
+            Some(frames) => RawFrames::Captured(frames.clone()),
             // Cannot happen while programs store stacks before referencing them (see above).
             None => RawFrames::Lost,
         },

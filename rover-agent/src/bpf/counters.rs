@@ -22,14 +22,19 @@ pub struct Counters {
     pub kernel_only: u64,
     /// Stacks deeper than the agent records (kept, truncated).
     pub stack_truncated: u64,
-    /// Off-CPU: switch-outs not recorded because the per-thread map was full.
-    pub thread_map_full: u64,
+    /// Off-CPU: switch-outs not recorded because per-thread state could not be allocated.
+    pub thread_state_lost: u64,
     /// Off-CPU: switch-outs left out by sampling.
     pub not_sampled: u64,
     /// Off-CPU: episodes shorter than the minimum block time.
     pub too_short: u64,
     /// Off-CPU: preemptions left out on request.
     pub preempt_excluded: u64,
+    /// Off-CPU: episodes opened (target threads switched out and kept).
+    pub episodes_opened: u64,
+    /// Off-CPU: per-thread states created, and deleted when their threads exited.
+    pub threads_created: u64,
+    pub threads_deleted: u64,
 }
 
 impl Counters {
@@ -51,15 +56,25 @@ impl Counters {
             aggregate_full: total(counter::AGGREGATE_FULL)?,
             kernel_only: total(counter::KERNEL_ONLY)?,
             stack_truncated: total(counter::STACK_TRUNCATED)?,
-            thread_map_full: total(counter::THREAD_MAP_FULL)?,
+            thread_state_lost: total(counter::THREAD_STATE_LOST)?,
             not_sampled: total(counter::NOT_SAMPLED)?,
             too_short: total(counter::TOO_SHORT)?,
             preempt_excluded: total(counter::PREEMPT_EXCLUDED)?,
+            episodes_opened: total(counter::EPISODES_OPENED)?,
+            threads_created: total(counter::THREADS_CREATED)?,
+            threads_deleted: total(counter::THREADS_DELETED)?,
         })
     }
 
     /// Samples lost in any way (entirely or a stack of them).
     pub fn losses(&self) -> u64 {
-        self.kernel_stack_lost + self.user_stack_lost + self.aggregate_full + self.thread_map_full
+        self.kernel_stack_lost + self.user_stack_lost + self.aggregate_full + self.thread_state_lost
+    }
+
+    /// Off-CPU: episodes opened but not closed (recorded, too short, or lost to a full
+    /// aggregate map); once the program is detached, those still open when profiling stopped.
+    pub fn open_episodes(&self) -> u64 {
+        self.episodes_opened
+            .saturating_sub(self.recorded + self.too_short + self.aggregate_full)
     }
 }

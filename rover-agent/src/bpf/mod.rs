@@ -14,7 +14,7 @@ mod target_filter;
 
 pub use counters::Counters;
 pub use error::Error;
-pub use offcpu::{OffCpu, OffCpuConfig, OffCpuProbe, OpenEpisodes};
+pub use offcpu::{OffCpu, OffCpuConfig, OffCpuProbe};
 pub use oncpu::{OnCpuConfig, OnCpuProbe};
 pub use privilege::{Privilege, check_privilege};
 

@@ -1,15 +1,14 @@
 //! The off-CPU profiler: `sched_switch` on the `sched_switch` BTF tracepoint.
 
-use std::path::Path;
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use aya::programs::BtfTracePoint;
 use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::{Btf, Ebpf};
-use rover_common::{OffCpuThread, OffCpuValue};
+use rover_common::OffCpuValue;
 
-use super::aggregates::{Aggregates, collect_keys, open_map, remove};
+use super::aggregates::Aggregates;
 use super::loader::{Capacity, Loaded, load};
 use super::target_filter::TargetFilter;
 use super::{Counters, Error, RawStack, Targets, object};
@@ -36,23 +35,13 @@ pub struct OffCpu {
     pub off_cpu_ns: u64,
 }
 
-/// Episodes that were still open (threads still switched out) when profiling stopped, and
-/// stale ones removed while it ran (their thread vanished without being switched back in).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OpenEpisodes {
-    pub open_at_stop: u64,
-    pub stale_removed: u64,
-}
-
 /// A loaded, attached off-CPU profiler; dropping it detaches the program.
 pub struct OffCpuProbe {
     aggregates: Aggregates<OffCpuValue>,
     targets: TargetFilter,
-    threads: HashMap<MapData, u64, OffCpuThread>,
     counters: PerCpuArray<MapData, u64>,
     sample_probability: f64,
     link: Option<BtfTracePointLinkId>,
-    episodes: OpenEpisodes,
     ebpf: Ebpf,
 }
 
@@ -70,21 +59,15 @@ impl OffCpuProbe {
         // Kept when a uniform u32 is below p × 2^32.
         let threshold = (p * 4_294_967_296.0).min(f64::from(u32::MAX)) as u32;
         // Episodes are unbounded in number: size for a host-wide profile or a few processes.
-        let (capacity, threads) = match config.targets {
-            Targets::All => (
-                Capacity {
-                    aggregates: 8192,
-                    stacks: 8192,
-                },
-                65536,
-            ),
-            Targets::Pids(_) => (
-                Capacity {
-                    aggregates: 2048,
-                    stacks: 4096,
-                },
-                8192,
-            ),
+        let capacity = match config.targets {
+            Targets::All => Capacity {
+                aggregates: 8192,
+                stacks: 8192,
+            },
+            Targets::Pids(_) => Capacity {
+                aggregates: 2048,
+                stacks: 4096,
+            },
         };
         let Loaded {
             mut ebpf,
@@ -102,19 +85,18 @@ impl OffCpuProbe {
                     .override_global("MIN_BLOCK_NS", &min_block_ns, true)
                     .override_global("SAMPLE_ALL", &sample_all, true)
                     .override_global("SAMPLE_THRESHOLD", &threshold, true)
-                    .map_max_entries("THREADS", threads);
+                    // THREADS is task-local storage, which aya creates but has no type for
+                    // (the program alone uses it).
+                    .allow_unsupported_maps();
             },
         )?;
-        let threads = open_map(&mut ebpf, OBJECT, "THREADS", HashMap::try_from)?;
         let link = attach(&mut ebpf)?;
         Ok(Self {
             aggregates,
             targets,
-            threads,
             counters,
             sample_probability: p,
             link: Some(link),
-            episodes: OpenEpisodes::default(),
             ebpf,
         })
     }
@@ -126,8 +108,7 @@ impl OffCpuProbe {
 
     /// Episodes closed since the previous drain, scaled by 1/p when sampling.
     pub fn drain(&mut self) -> Result<Vec<RawStack<OffCpu>>, Error> {
-        let referenced = self.sweep_open_episodes()?;
-        let raw = self.aggregates.drain(referenced)?;
+        let raw = self.aggregates.drain()?;
         let p = self.sample_probability;
         Ok(raw
             .into_iter()
@@ -139,28 +120,6 @@ impl OffCpuProbe {
                 value: scale(stack.value, p),
             })
             .collect())
-    }
-
-    /// The stacks of open episodes (which drains must keep), after removing the entries of
-    /// threads that no longer exist (their last switch-out was missed).
-    fn sweep_open_episodes(&mut self) -> Result<Vec<u64>, Error> {
-        let mut referenced = Vec::new();
-        for task in collect_keys(self.threads.keys(), "THREADS")? {
-            let Ok(thread) = self.threads.get(&task, 0) else {
-                continue; // the thread died meanwhile
-            };
-            if !Path::new(&format!("/proc/{}", thread.tid)).exists() {
-                remove(self.threads.remove(&task), "THREADS")?;
-                if thread.start_ns != 0 {
-                    self.episodes.stale_removed += 1;
-                }
-                continue;
-            }
-            if thread.start_ns != 0 {
-                referenced.push(thread.user_stack);
-            }
-        }
-        Ok(referenced)
     }
 
     /// Detaches the program: nothing is recorded after this returns, so a following
@@ -175,28 +134,6 @@ impl OffCpuProbe {
                 })?;
         }
         Ok(())
-    }
-
-    /// After [`stop`](Self::stop): drops the per-thread state, counting the episodes still
-    /// open (they have no end), and returns those counts.
-    pub fn discard_open_episodes(&mut self) -> Result<OpenEpisodes, Error> {
-        for task in collect_keys(self.threads.keys(), "THREADS")? {
-            if self
-                .threads
-                .get(&task, 0)
-                .is_ok_and(|thread| thread.start_ns != 0)
-            {
-                self.episodes.open_at_stop += 1;
-            }
-            remove(self.threads.remove(&task), "THREADS")?;
-        }
-        Ok(self.episodes)
-    }
-
-    /// Threads the kernel keeps state for: target threads that were switched out at least once
-    /// and have not exited.
-    pub fn tracked_threads(&self) -> Result<usize, Error> {
-        Ok(collect_keys(self.threads.keys(), "THREADS")?.len())
     }
 
     /// Totals since the profiler started.

@@ -93,7 +93,7 @@ impl OnCpuProbe {
 
     /// Samples recorded since the previous drain (`value` = number of samples).
     pub fn drain(&mut self) -> Result<Vec<RawStack<u64>>, Error> {
-        self.aggregates.drain([])
+        self.aggregates.drain()
     }
 
     /// Totals since the sampler started.

@@ -322,11 +322,8 @@ fn summary(run: &ProfileRun) -> String {
             counters.idle,
             counters.kernel_only,
         ),
-        RunDetails::OffCpu {
-            sample_probability,
-            episodes,
-        } => {
-            losses += &format!(", thread map full {}", counters.thread_map_full);
+        RunDetails::OffCpu { sample_probability } => {
+            losses += &format!(", thread state unavailable {}", counters.thread_state_lost);
             let sampled = if *sample_probability < 1.0 {
                 format!(" (sampled with p = {sample_probability}, totals scaled by 1/p)")
             } else {
@@ -334,13 +331,12 @@ fn summary(run: &ProfileRun) -> String {
             };
             format!(
                 "{} switches, {:.3} s off-CPU, {} distinct stacks in {seconds:.2} s{sampled}; \
-                 not counted: {} episodes still open at the end, {} of vanished threads, \
+                 not counted: {} episodes still open at the end, \
                  {} shorter than --min-block, {} preemptions excluded",
                 run.profile.total(0),
                 run.profile.total(1) as f64 / 1e9,
                 run.profile.samples().len(),
-                episodes.open_at_stop,
-                episodes.stale_removed,
+                counters.open_episodes(),
                 counters.too_short,
                 counters.preempt_excluded,
             )

@@ -11,7 +11,7 @@ pub use oncpu::{OnCpuRequest, profile_on_cpu};
 
 use std::time::Duration;
 
-use crate::bpf::{Counters, OpenEpisodes, Targets};
+use crate::bpf::{Counters, Targets};
 use crate::profile::Profile;
 use crate::symbolize::{SymbolizeStats, SymbolizerConfig};
 
@@ -52,12 +52,6 @@ pub struct ProfileRun {
 /// What is particular to each kind of profile.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RunDetails {
-    OnCpu {
-        frequency_hz: u64,
-    },
-    OffCpu {
-        sample_probability: f64,
-        /// Episodes not counted: open at stop, or of vanished threads.
-        episodes: OpenEpisodes,
-    },
+    OnCpu { frequency_hz: u64 },
+    OffCpu { sample_probability: f64 },
 }

@@ -4,11 +4,11 @@ use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::run::record;
 use super::{ProfileRun, RunDetails, RunSettings};
-use crate::bpf::{OffCpuConfig, OffCpuProbe, OpenEpisodes};
+use crate::bpf::{OffCpuConfig, OffCpuProbe};
 use crate::profile::{Profile, ValueType};
 
 /// What to profile and how.
@@ -22,7 +22,7 @@ pub struct OffCpuRequest {
 }
 
 /// Records off-CPU episodes of the targets until the duration elapses, `stop` resolves or every
-/// target exited. Episodes still open at the end are not counted (`RunDetails::OffCpu`).
+/// target exited. Episodes still open at the end are not counted (`Counters::open_episodes`).
 pub async fn profile_off_cpu(
     request: &OffCpuRequest,
     stop: impl Future<Output = &'static str>,
@@ -57,16 +57,11 @@ pub async fn profile_off_cpu(
         stop,
     )
     .await;
-    let episodes = probe.discard_open_episodes().unwrap_or_else(|error| {
-        warn!("clearing open episodes failed: {error:#}");
-        OpenEpisodes::default()
-    });
     info!(end = ?outcome.end, elapsed = ?outcome.elapsed, "off-CPU profiling ended");
     Ok(outcome.into_run(
         profile,
         RunDetails::OffCpu {
             sample_probability: request.sample_probability,
-            episodes,
         },
     ))
 }

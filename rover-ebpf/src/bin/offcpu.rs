@@ -2,29 +2,32 @@
 //! kernel stack), how many times target threads were switched out and for how long.
 //!
 //! At switch-out of a target thread its user stack is captured and an episode opened in its
-//! `THREADS` entry (keyed by the task's address, kept until the thread dies). At its switch-in the episode is closed into the
-//! aggregate, and its kernel stack read then: it is frozen while the thread is switched out,
-//! and unwinding a stopped task starts right at the scheduler, whereas unwinding the running
-//! one at switch-out first walks (and discards) the tracing frames above it, which cost more
-//! than the stack itself. Non-target threads cost one map lookup on each side. A thread's last
-//! switch-out (it is dead) removes its entry; episodes still open when profiling stops are
-//! dropped by user space.
+//! task-local `THREADS` state. At its switch-in the episode is closed into the aggregate, and
+//! its kernel stack read then: it is frozen while the thread is switched out, and unwinding a
+//! stopped task starts right at the scheduler, whereas unwinding the running one at switch-out
+//! first walks (and discards) the tracing frames above it, which cost more than the stack
+//! itself. Both stacks are stored when the episode closes, in the generation its aggregate
+//! goes to, so a drain finds every stack its aggregates reference. Non-target threads cost a
+//! task-storage lookup at switch-in and the target filter at switch-out. A thread's last
+//! switch-out (it is dead) deletes its state; episodes still open when profiling stops are
+//! left out (user space counts them).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::task_struct,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_ktime_get_ns,
     },
-    macros::{btf_tracepoint, map},
-    maps::HashMap,
+    macros::{btf_map, btf_tracepoint},
     programs::BtfTracePointContext,
 };
 use rover_common::{
     FIRST_STACK_HASH, OffCpuThread, OffCpuValue, STACK_FLAG_PREEMPTED, StackKey, counter,
 };
-use rover_ebpf::{Captured, StackStore, atomic_add, count, epoch, get_or_insert};
+use rover_ebpf::{
+    Captured, TaskStorage, atomic_add, capture_user_into, count, epoch, get_or_insert,
+};
 
 rover_ebpf::profiler_maps!(OffCpuValue);
 
@@ -44,8 +47,10 @@ static SAMPLE_ALL: u8 = 1;
 /// `task_struct::__state` of a task switched out for the last time.
 const TASK_DEAD: u64 = 0x80;
 
-#[map]
-static THREADS: HashMap<u64, OffCpuThread> = HashMap::with_max_entries(65536, 0);
+/// Task-local rather than a hash map keyed by task: found without hashing on every switch,
+/// and freed with the task even if its last switch-out is missed.
+#[btf_map]
+static THREADS: TaskStorage<OffCpuThread> = TaskStorage::new();
 
 /// `TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
 /// unsigned int prev_state)`; `prev` is the current task.
@@ -63,17 +68,16 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// Stores a captured stack unless the thread's previous episode stored the same one in the
+/// Stores a stack with `store` unless the thread's previous episode stored the same one in the
 /// same epoch (a thread blocking at one place again and again, the costly case, needs no map
 /// lookup then).
 #[inline(always)]
 fn store_once(
-    store: &StackStore<'_>,
     captured: Captured,
-    lost_counter: u32,
     epoch: u32,
     last: &mut u64,
     last_epoch: &mut u32,
+    store: impl FnOnce(Captured) -> u64,
 ) -> u64 {
     if let Captured::Stack(reference) = captured
         && reference == *last
@@ -81,7 +85,7 @@ fn store_once(
     {
         return reference;
     }
-    let reference = store.store(captured, lost_counter);
+    let reference = store(captured);
     if reference >= FIRST_STACK_HASH {
         *last = reference;
         *last_epoch = epoch;
@@ -93,7 +97,8 @@ fn store_once(
 /// read then.
 #[inline(always)]
 fn switch_in(next: *mut task_struct) -> Option<u64> {
-    let thread = THREADS.get_ptr_mut(next as u64)?;
+    // SAFETY: `next` is the tracepoint's trusted task pointer.
+    let thread = unsafe { THREADS.get(next) }?;
     // SAFETY: a valid map value; only this task's own switches write it, and the scheduler
     // serializes those.
     let thread = unsafe { &mut *thread };
@@ -112,20 +117,26 @@ fn switch_in(next: *mut task_struct) -> Option<u64> {
     }
     let epoch = epoch(&CONTROL);
     let (counts, store) = generation(epoch);
+    let user_stack = store_once(
+        Captured::from_reference(thread.user_stack),
+        epoch,
+        &mut thread.last_user_stack,
+        &mut thread.last_user_epoch,
+        |captured| store.store_from(captured, &thread.user_frames, counter::USER_STACK_LOST),
+    );
     // SAFETY: `next` is the tracepoint's trusted task pointer, and not running yet.
     let kernel = unsafe { store.capture_kernel_of(next) };
     let kernel_stack = store_once(
-        &store,
         kernel,
-        counter::KERNEL_STACK_LOST,
         epoch,
         &mut thread.last_kernel_stack,
         &mut thread.last_kernel_epoch,
+        |captured| store.store(captured, counter::KERNEL_STACK_LOST),
     );
     let key = StackKey {
         tgid: thread.tgid,
         flags: thread.flags,
-        user_stack: thread.user_stack,
+        user_stack,
         kernel_stack,
     };
     match get_or_insert(counts, &key, &OffCpuValue::default()) {
@@ -161,6 +172,16 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
         return;
     }
     // SAFETY: plain helper.
+    let task = unsafe { bpf_get_current_task_btf() };
+    if state & TASK_DEAD != 0 {
+        // Its last switch-out: the thread's state goes with it.
+        // SAFETY: a trusted task pointer.
+        if unsafe { THREADS.delete(task) } {
+            count(&COUNTERS, counter::THREADS_DELETED, 1);
+        }
+        return;
+    }
+    // SAFETY: plain helper.
     let now = now.unwrap_or_else(|| unsafe { bpf_ktime_get_ns() });
     // SAFETY: globals written only at load time.
     let (exclude_preempt, sample_all, threshold) = unsafe {
@@ -170,13 +191,6 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
             core::ptr::read_volatile(&SAMPLE_THRESHOLD),
         )
     };
-    // SAFETY: plain helper; the address only serves as a key.
-    let task = unsafe { bpf_get_current_task() };
-    if state & TASK_DEAD != 0 {
-        // Its last switch-out: the thread's state goes with it.
-        let _ = THREADS.remove(task);
-        return;
-    }
     // Preempted, or gave up the CPU while still runnable (sched_yield): not blocked.
     let preempted = preempt || state == 0;
     if preempted && exclude_preempt {
@@ -189,14 +203,18 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
         count(&COUNTERS, counter::NOT_SAMPLED, 1);
         return;
     }
-    let Some(thread) = get_or_insert(&THREADS, &task, &OffCpuThread::default()) else {
-        count(&COUNTERS, counter::THREAD_MAP_FULL, 1);
+    // SAFETY: a trusted task pointer.
+    let Some(thread) = (unsafe { THREADS.get_or_create(task) }) else {
+        count(&COUNTERS, counter::THREAD_STATE_LOST, 1);
         return;
     };
     // SAFETY: as in `switch_in`.
     let thread = unsafe { &mut *thread };
-    let epoch = epoch(&CONTROL);
-    let (_, store) = generation(epoch);
+    if thread.tgid == 0 {
+        // Created zeroed just now.
+        thread.tgid = tgid;
+        count(&COUNTERS, counter::THREADS_CREATED, 1);
+    }
     // Sampled: the stack capture is timed, because only kept episodes spend it. User space
     // scales the rest of each episode by 1/p and adds this unscaled.
     let capture_start = if sample_all {
@@ -205,15 +223,7 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
         // SAFETY: plain helper.
         unsafe { bpf_ktime_get_ns() }
     };
-    let user = store.capture_user(None);
-    thread.user_stack = store_once(
-        &store,
-        user,
-        counter::USER_STACK_LOST,
-        epoch,
-        &mut thread.last_user_stack,
-        &mut thread.last_user_epoch,
-    );
+    thread.user_stack = capture_user_into(&mut thread.user_frames, None, &COUNTERS).reference();
     thread.capture_ns = if sample_all {
         0
     } else {
@@ -221,12 +231,9 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
         let capture_end = unsafe { bpf_ktime_get_ns() };
         capture_end - capture_start
     };
-    // Refreshed every time: a task's address outlives it only if its last switch-out was
-    // missed, and may then come back as another thread.
-    thread.tgid = tgid;
-    thread.tid = tid;
     thread.flags = if preempted { STACK_FLAG_PREEMPTED } else { 0 };
     thread.start_ns = now;
+    count(&COUNTERS, counter::EPISODES_OPENED, 1);
 }
 
 #[unsafe(link_section = "license")]

@@ -29,6 +29,9 @@ pub(crate) enum Bench {
         /// Runs of each configuration, alternating; medians are reported.
         #[arg(long, default_value_t = 5)]
         repetitions: usize,
+        /// Measure only these configurations besides the unprofiled baseline (all by default).
+        #[arg(long, value_delimiter = ',', value_enum)]
+        only: Vec<offcpu::Config>,
     },
 }
 
@@ -39,7 +42,8 @@ pub(crate) fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Offcpu {
             seconds,
             repetitions,
-        } => offcpu::run(seconds, repetitions),
+            only,
+        } => offcpu::run(seconds, repetitions, &only),
     }
 }
 
@@ -124,7 +128,7 @@ pub(super) fn program_time(pid: u32) -> Option<ProgramTime> {
     found.then_some(total)
 }
 
-/// Turns on `kernel.bpf_stats_enabled` for the benchmark and restores it afterwards.
+/// Sets `kernel.bpf_stats_enabled` for the benchmark and restores it afterwards.
 pub(super) struct BpfStats {
     previous: String,
 }
@@ -132,12 +136,23 @@ pub(super) struct BpfStats {
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
+    /// Turns the statistics on.
     pub(super) fn enable() -> anyhow::Result<Self> {
+        let stats = Self::save()?;
+        stats.set(true)?;
+        Ok(stats)
+    }
+
+    /// Remembers the current setting, to be restored on drop.
+    pub(super) fn save() -> anyhow::Result<Self> {
         let previous =
             std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
-        std::fs::write(BPF_STATS, "1")
-            .with_context(|| format!("enabling {BPF_STATS} (needs root)"))?;
         Ok(Self { previous })
+    }
+
+    pub(super) fn set(&self, enabled: bool) -> anyhow::Result<()> {
+        std::fs::write(BPF_STATS, if enabled { "1" } else { "0" })
+            .with_context(|| format!("writing {BPF_STATS} (needs root)"))
     }
 }
 

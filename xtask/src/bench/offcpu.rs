@@ -3,7 +3,11 @@
 //! (tests/workloads/pingpong.c), each round trip being two context switches.
 //!
 //! Each configuration runs `repetitions` times, interleaved with the others so that drift of the
-//! machine hits all of them alike; medians are reported.
+//! machine hits all of them alike; medians are reported. Each profiled repetition is two runs:
+//! throughput with `kernel.bpf_stats_enabled` off, as a node runs (the statistics add two clock
+//! reads per program run, about 30 ns per switch here, which would be charged to the profiler),
+//! then a run with it on for the in-kernel time per program run; that run's throughput is
+//! printed too.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::Path;
@@ -18,8 +22,9 @@ use crate::{setup, workloads, workspace_root};
 /// Context switches per ping-pong round trip on one CPU: ping → pong, pong → ping.
 const SWITCHES_PER_ROUND_TRIP: f64 = 2.0;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Config {
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Config {
+    #[value(skip)]
     Unprofiled,
     Exact,
     Sampled,
@@ -50,39 +55,58 @@ impl Config {
 
 /// One measured run.
 #[derive(Clone, Copy, Default)]
-struct Measurement {
+struct Run {
     round_trips_per_second: f64,
     program: ProgramTime,
     profiler_cpu: Duration,
 }
 
-pub(super) fn run(seconds: u64, repetitions: usize) -> anyhow::Result<()> {
+/// One repetition of a configuration.
+#[derive(Clone, Copy)]
+struct Measurement {
+    /// With `kernel.bpf_stats_enabled` off.
+    plain: Run,
+    /// With it on (profiled configurations only).
+    stats: Option<Run>,
+}
+
+pub(super) fn run(seconds: u64, repetitions: usize, only: &[Config]) -> anyhow::Result<()> {
     setup::run()?;
     let agent = workloads::build_agent()?;
     let pingpong = workloads::build("pingpong", &workspace_root().join("target/bench"))?;
-    let bpftrace = ensure_bpftrace();
-    let _stats = BpfStats::enable()?;
+    let stats = BpfStats::save()?;
     // The process the "other target" run profiles: alive, idle, not the ping-pong.
     let mut bystander = KillOnDrop(Command::new("sleep").arg("100000").spawn()?);
     let bystander_pid = bystander.0.id();
 
-    let mut configs = vec![
-        Config::Unprofiled,
-        Config::Exact,
-        Config::Sampled,
-        Config::OtherTarget,
-    ];
-    match &bpftrace {
-        Ok(()) => configs.push(Config::Bpftrace),
-        Err(reason) => eprintln!("bench offcpu: no bpftrace comparison: {reason:#}"),
+    let wanted = |config| only.is_empty() || only.contains(&config);
+    let mut configs = vec![Config::Unprofiled];
+    configs.extend(
+        [Config::Exact, Config::Sampled, Config::OtherTarget]
+            .into_iter()
+            .filter(|&config| wanted(config)),
+    );
+    if wanted(Config::Bpftrace) {
+        match ensure_bpftrace() {
+            Ok(()) => configs.push(Config::Bpftrace),
+            Err(reason) => eprintln!("bench offcpu: no bpftrace comparison: {reason:#}"),
+        }
     }
     let mut results: Vec<Vec<Measurement>> = vec![Vec::new(); configs.len()];
     for repetition in 1..=repetitions {
         for (index, &config) in configs.iter().enumerate() {
             eprintln!("bench offcpu: {repetition}/{repetitions} {}", config.name());
-            let measurement = measure(config, &agent, &pingpong, seconds, bystander_pid)
-                .with_context(|| format!("measuring {}", config.name()))?;
-            results[index].push(measurement);
+            let run = |stats_enabled| {
+                stats.set(stats_enabled)?;
+                measure(config, &agent, &pingpong, seconds, bystander_pid)
+                    .with_context(|| format!("measuring {}", config.name()))
+            };
+            let plain = run(false)?;
+            let stats = match config {
+                Config::Unprofiled => None,
+                _ => Some(run(true)?),
+            };
+            results[index].push(Measurement { plain, stats });
         }
     }
     let _ = bystander.0.kill();
@@ -94,59 +118,61 @@ pub(super) fn run(seconds: u64, repetitions: usize) -> anyhow::Result<()> {
     let baseline = median(
         &mut results[0]
             .iter()
-            .map(|m| m.round_trips_per_second)
+            .map(|m| m.plain.round_trips_per_second)
             .collect(),
     );
+    let added_us = |rate: f64| (1.0 / rate - 1.0 / baseline) / SWITCHES_PER_ROUND_TRIP * 1e6;
     println!(
         "\noff-CPU: ping-pong pinned to CPU 0, {seconds} s runs, {repetitions} repetitions, medians"
     );
     println!(
-        "{:<42} {:>13} {:>7} {:>11} {:>11} {:>13}  target µs/switch",
-        "", "round trips/s", "ratio", "µs/switch", "ns/run", "profiler CPU"
+        "{:<42} {:>13} {:>7} {:>10} {:>14} {:>8} {:>13}  target µs/switch",
+        "", "round trips/s", "ratio", "µs/switch", "(with stats)", "ns/run", "profiler CPU"
     );
     for (config, runs) in configs.iter().zip(&results) {
-        let rate = median(&mut runs.iter().map(|m| m.round_trips_per_second).collect());
-        let added_us = (1.0 / rate - 1.0 / baseline) / SWITCHES_PER_ROUND_TRIP * 1e6;
-        let ns_per_run = median(
+        let rate = median(
             &mut runs
                 .iter()
-                .map(|m| m.program.run_time.as_nanos() as f64 / m.program.runs.max(1) as f64)
+                .map(|m| m.plain.round_trips_per_second)
                 .collect(),
         );
-        let cpu_ms = median(
-            &mut runs
-                .iter()
-                .map(|m| m.profiler_cpu.as_secs_f64() * 1000.0)
-                .collect(),
-        );
-        let profiled = *config != Config::Unprofiled;
+        let stats: Vec<Run> = runs.iter().filter_map(|m| m.stats).collect();
+        let columns = if stats.is_empty() {
+            ["-", "-", "-", "-"].map(str::to_owned)
+        } else {
+            let stats_rate = median(&mut stats.iter().map(|r| r.round_trips_per_second).collect());
+            let ns_per_run = median(
+                &mut stats
+                    .iter()
+                    .map(|r| r.program.run_time.as_nanos() as f64 / r.program.runs.max(1) as f64)
+                    .collect(),
+            );
+            let cpu_ms = median(
+                &mut runs
+                    .iter()
+                    .map(|m| m.plain.profiler_cpu.as_secs_f64() * 1000.0)
+                    .collect(),
+            );
+            [
+                format!("{:.3}", added_us(rate)),
+                format!("({:.3})", added_us(stats_rate)),
+                format!("{ns_per_run:.0}"),
+                format!("{cpu_ms:.0} ms"),
+            ]
+        };
+        let [added, with_stats, ns_per_run, cpu] = columns;
         println!(
-            "{:<42} {:>13.0} {:>7.3} {:>11} {:>11} {:>13}  {}",
+            "{:<42} {:>13.0} {:>7.3} {added:>10} {with_stats:>14} {ns_per_run:>8} {cpu:>13}  {}",
             config.name(),
             rate,
             rate / baseline,
-            if profiled {
-                format!("{added_us:.3}")
-            } else {
-                "-".to_owned()
-            },
-            if profiled {
-                format!("{ns_per_run:.0}")
-            } else {
-                "-".to_owned()
-            },
-            if profiled {
-                format!("{cpu_ms:.0} ms")
-            } else {
-                "-".to_owned()
-            },
             config.target_us_per_switch(),
         );
     }
     println!(
-        "(µs/switch = (1/profiled − 1/unprofiled round trips per second) / {SWITCHES_PER_ROUND_TRIP}; \
-         ns/run = in-kernel time per program run, kernel.bpf_stats_enabled; profiler CPU = \
-         user+sys of the profiler process)"
+        "(µs/switch = (1/profiled − 1/unprofiled round trips per second) / {SWITCHES_PER_ROUND_TRIP}, \
+         kernel.bpf_stats_enabled off; (with stats) = the same from runs with it on, which give \
+         ns/run = in-kernel time per program run; profiler CPU = user+sys of the profiler process)"
     );
     Ok(())
 }
@@ -190,7 +216,7 @@ fn measure(
     pingpong: &Path,
     seconds: u64,
     bystander: u32,
-) -> anyhow::Result<Measurement> {
+) -> anyhow::Result<Run> {
     // The workload waits for a byte on stdin, sent once the profiler is attached, so every
     // configuration measures the same steady state.
     let mut workload = KillOnDrop(
@@ -269,7 +295,7 @@ fn measure(
         Some(profiler) => profiler.stop()?,
         None => Duration::ZERO,
     };
-    Ok(Measurement {
+    Ok(Run {
         round_trips_per_second: round_trip_rate(&output)?,
         program,
         profiler_cpu,
