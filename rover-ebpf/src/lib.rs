@@ -84,24 +84,28 @@ macro_rules! profiler_maps {
             }
         }
 
-        /// The aggregate map and stack store of the current epoch.
+        /// Runs `f` with the aggregate map and stack store of generation `epoch & 1`. Each
+        /// generation gets its own copy of `f`, so every map it uses is known to the verifier,
+        /// which then calls the map's functions directly (or inlines hash lookups) instead of
+        /// through the map's operations table: an indirect call, costly with retpolines.
         #[inline(always)]
-        fn generation(
+        fn with_generation<R>(
             epoch: u32,
-        ) -> (
-            &'static aya_ebpf::maps::HashMap<rover_common::StackKey, $value>,
-            $crate::StackStore<'static>,
-        ) {
-            let (counts, stacks) = match epoch & 1 {
-                0 => (&COUNTS_0, &STACKS_0),
-                _ => (&COUNTS_1, &STACKS_1),
-            };
-            let store = $crate::StackStore {
+            f: impl FnOnce(
+                &'static aya_ebpf::maps::HashMap<rover_common::StackKey, $value>,
+                $crate::StackStore<'static>,
+            ) -> R,
+        ) -> R {
+            let store = |stacks| $crate::StackStore {
                 scratch: &SCRATCH,
                 stacks,
                 counters: &COUNTERS,
             };
-            (counts, store)
+            if epoch & 1 == 0 {
+                f(&COUNTS_0, store(&STACKS_0))
+            } else {
+                f(&COUNTS_1, store(&STACKS_1))
+            }
         }
     };
 }
@@ -165,8 +169,8 @@ impl TargetFilter<'_> {
     }
 }
 
-/// Finds the value of `key` in `map`, inserting `init` first if it is absent. `None` means the
-/// map is full.
+/// Finds the value of `key` in `map`, inserting `init` first if it is absent (a static, so that
+/// nothing is built on the stack when the key exists). `None` means the map is full.
 #[inline(always)]
 pub fn get_or_insert<K, V>(map: &HashMap<K, V>, key: &K, init: &V) -> Option<*mut V> {
     if let Some(value) = map.get_ptr_mut(key) {

@@ -27,29 +27,30 @@ fn sample(ctx: &PerfEventContext) {
     if !targets().contains(tgid) {
         return;
     }
-    let (counts, store) = generation(epoch(&CONTROL));
     // SAFETY: the context points at the kernel's `bpf_perf_event_data`.
     let regs = unsafe { &(*ctx.ctx).regs };
-    let kernel_stack = if regs.cs & 3 == 0 {
-        store.kernel_stack(ctx)
-    } else {
-        rover_common::NO_STACK
-    };
-    let user_stack = store.user_stack(Some(regs));
-    let key = StackKey {
-        tgid,
-        flags: 0,
-        user_stack,
-        kernel_stack,
-    };
-    match get_or_insert(counts, &key, &0) {
-        Some(value) => {
-            // SAFETY: `value` is the u64 value of an aggregate map entry.
-            unsafe { atomic_add(value, 1) };
-            count(&COUNTERS, counter::RECORDED, 1);
+    with_generation(epoch(&CONTROL), |counts, store| {
+        let kernel_stack = if regs.cs & 3 == 0 {
+            store.kernel_stack(ctx)
+        } else {
+            rover_common::NO_STACK
+        };
+        let user_stack = store.user_stack(Some(regs));
+        let key = StackKey {
+            tgid,
+            flags: 0,
+            user_stack,
+            kernel_stack,
+        };
+        match get_or_insert(counts, &key, &0) {
+            Some(value) => {
+                // SAFETY: `value` is the u64 value of an aggregate map entry.
+                unsafe { atomic_add(value, 1) };
+                count(&COUNTERS, counter::RECORDED, 1);
+            }
+            None => count(&COUNTERS, counter::AGGREGATE_FULL, 1),
         }
-        None => count(&COUNTERS, counter::AGGREGATE_FULL, 1),
-    }
+    });
 }
 
 #[unsafe(link_section = "license")]
