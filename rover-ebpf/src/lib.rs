@@ -478,7 +478,8 @@ pub struct TaskStorage<T> {
     map_flags: *const [i32; aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize],
 }
 
-// SAFETY: the fields are placeholders for the loader, never dereferenced.
+// SAFETY: the fields only describe the map to the loader, through their types; nothing
+// dereferences them.
 unsafe impl<T> Sync for TaskStorage<T> {}
 
 impl<T> Default for TaskStorage<T> {
