@@ -117,12 +117,17 @@ pub mod counter {
     pub const TOO_SHORT: u32 = 10;
     /// Off-CPU: involuntary switch-outs left out on request (not losses).
     pub const PREEMPT_EXCLUDED: u32 = 11;
-    /// Off-CPU: episodes opened. Those not closed by the end (recorded, too short or aggregate
-    /// map full) were still open when profiling stopped.
+    /// Off-CPU: episodes opened. Those not closed by the end (recorded, too short, aggregate
+    /// map full or end missed) were still open when profiling stopped.
     pub const EPISODES_OPENED: u32 = 12;
     /// Off-CPU: per-thread states created, and deleted at their thread's exit.
     pub const THREADS_CREATED: u32 = 13;
     pub const THREADS_DELETED: u32 = 14;
+    /// Off-CPU: episodes whose end the program never saw: their thread was switched out again,
+    /// or for the last time, with the episode still open. Measured here: now and then a CPU's
+    /// switches do not chain (a switch's `prev` is not the previous switch's `next`), so a
+    /// switch-in reached no program run.
+    pub const EPISODE_ENDS_MISSED: u32 = 15;
     /// Number of slots in the map.
     pub const SLOTS: u32 = 16;
 }

@@ -79,4 +79,14 @@ fn per_thread_state_ends_with_the_threads_and_drains_are_exact() {
         "per-thread states outlived their threads"
     );
     assert_eq!(counters.open_episodes(), 0, "{counters:?}");
+    // Now and then a CPU's switches do not chain on this kernel (a switch's `prev` is not the
+    // previous switch's `next`: a switch reached no program run), so a thread is seen switched
+    // out again with its episode open. Such an episode is dropped and counted, never merged
+    // into the next one. Measured: none in most runs, at most 10 of 600 in one.
+    assert!(
+        counters.episode_ends_missed * 20 <= counters.recorded,
+        "{} episode ends missed, more than 5% of {} recorded",
+        counters.episode_ends_missed,
+        counters.recorded
+    );
 }

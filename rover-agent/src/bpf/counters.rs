@@ -35,6 +35,8 @@ pub struct Counters {
     /// Off-CPU: per-thread states created, and deleted when their threads exited.
     pub threads_created: u64,
     pub threads_deleted: u64,
+    /// Off-CPU: episodes left out because the switch-in that ended them was never seen.
+    pub episode_ends_missed: u64,
 }
 
 impl Counters {
@@ -63,6 +65,7 @@ impl Counters {
             episodes_opened: total(counter::EPISODES_OPENED)?,
             threads_created: total(counter::THREADS_CREATED)?,
             threads_deleted: total(counter::THREADS_DELETED)?,
+            episode_ends_missed: total(counter::EPISODE_ENDS_MISSED)?,
         })
     }
 
@@ -71,10 +74,12 @@ impl Counters {
         self.kernel_stack_lost + self.user_stack_lost + self.aggregate_full + self.thread_state_lost
     }
 
-    /// Off-CPU: episodes opened but not closed (recorded, too short, or lost to a full
-    /// aggregate map); once the program is detached, those still open when profiling stopped.
+    /// Off-CPU: episodes opened but not closed (recorded, too short, lost to a full aggregate
+    /// map, or end missed); once the program is detached, those still open when profiling
+    /// stopped.
     pub fn open_episodes(&self) -> u64 {
-        self.episodes_opened
-            .saturating_sub(self.recorded + self.too_short + self.aggregate_full)
+        self.episodes_opened.saturating_sub(
+            self.recorded + self.too_short + self.aggregate_full + self.episode_ends_missed,
+        )
     }
 }

@@ -331,12 +331,13 @@ fn summary(run: &ProfileRun) -> String {
             };
             format!(
                 "{} switches, {:.3} s off-CPU, {} distinct stacks in {seconds:.2} s{sampled}; \
-                 not counted: {} episodes still open at the end, \
+                 not counted: {} episodes still open at the end, {} whose end was not seen, \
                  {} shorter than --min-block, {} preemptions excluded",
                 run.profile.total(0),
                 run.profile.total(1) as f64 / 1e9,
                 run.profile.samples().len(),
                 counters.open_episodes(),
+                counters.episode_ends_missed,
                 counters.too_short,
                 counters.preempt_excluded,
             )

@@ -9,8 +9,8 @@
 //! itself. Both stacks are stored when the episode closes, in the generation its aggregate
 //! goes to, so a drain finds every stack its aggregates reference. Non-target threads cost a
 //! task-storage lookup at switch-in and the target filter at switch-out. A thread's last
-//! switch-out (it is dead) deletes its state; episodes still open when profiling stops are
-//! left out (user space counts them).
+//! switch-out (it is dead) deletes its state; episodes still open when profiling stops, or
+//! whose end was never seen, are left out and counted.
 #![no_std]
 #![no_main]
 
@@ -190,6 +190,13 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
     if state & TASK_DEAD != 0 {
         // Its last switch-out: the thread's state goes with it.
         // SAFETY: a trusted task pointer.
+        if let Some(thread) = unsafe { THREADS.get(task) }
+            // SAFETY: as in `switch_in`.
+            && unsafe { (*thread).start_ns } != 0
+        {
+            count(&COUNTERS, counter::EPISODE_ENDS_MISSED, 1);
+        }
+        // SAFETY: a trusted task pointer.
         if unsafe { THREADS.delete(task) } {
             count(&COUNTERS, counter::THREADS_DELETED, 1);
         }
@@ -246,6 +253,11 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
         capture_end - capture_start
     };
     thread.flags = if preempted { STACK_FLAG_PREEMPTED } else { 0 };
+    if thread.start_ns != 0 {
+        // Still open: the switch-in that ended it was never seen (rare, see
+        // `counter::EPISODE_ENDS_MISSED`). When it ended is unknown: dropped, counted.
+        count(&COUNTERS, counter::EPISODE_ENDS_MISSED, 1);
+    }
     thread.start_ns = now;
     count(&COUNTERS, counter::EPISODES_OPENED, 1);
 }
