@@ -366,11 +366,14 @@ fn sleeps_in_a_named_function_are_counted_and_timed() {
     let PprofRun {
         profile,
         workload: truth,
+        stderr,
         context,
-        ..
     } = profile_gated_pprof(workload, &[], dir.path());
 
     let (switches, off_cpu_ns) = profile.samples_with_function("sleep_in_named_function");
+    // An episode whose end the program never saw is dropped and reported (rare, see
+    // `counter::EPISODE_ENDS_MISSED`): it may be missing here, never silently.
+    let missed = number_before(&stderr, "whose end was not seen") as i64;
     eprintln!(
         "sleeper: {switches} switches (expected {SLEEPS}..={}), {off_cpu_ns} ns off CPU \
          (expected {} ± 5%, error {:+.2}%; the workload measured {} ns)",
@@ -380,8 +383,9 @@ fn sleeps_in_a_named_function_are_counted_and_timed() {
         field::<f64>(&truth, "slept_ns")
     );
     assert!(
-        (SLEEPS..=SLEEPS + 5).contains(&switches),
-        "{switches} switches in sleep_in_named_function, expected {SLEEPS}..={}\n{context}",
+        (SLEEPS - missed..=SLEEPS + 5).contains(&switches),
+        "{switches} switches in sleep_in_named_function, expected {}..={}\n{context}",
+        SLEEPS - missed,
         SLEEPS + 5
     );
     assert_near(
@@ -736,22 +740,26 @@ fn short_lived_threads_are_each_counted_and_leave_no_state() {
         ..
     } = profile_gated_pprof(workload, &[], dir.path());
     let (switches, off_cpu_ns) = profile.samples_with_function("churn_sleep");
+    // As in the sleeper test: episodes whose end was never seen are reported, not counted.
+    let missed = number_before(&stderr, "whose end was not seen") as i64;
     let episodes = THREADS * SLEEPS;
     let expected_ns = episodes * SLEEP_MS * 1_000_000;
     eprintln!(
-        "thread_churn: {switches} switches in churn_sleep (expected {episodes}), {off_cpu_ns} ns \
-         (nominal {expected_ns}, {:+.2}%)",
+        "thread_churn: {switches} switches in churn_sleep (expected {episodes}, {missed} ends \
+         missed), {off_cpu_ns} ns (nominal {expected_ns}, {:+.2}%)",
         (off_cpu_ns as f64 / expected_ns as f64 - 1.0) * 100.0
     );
     assert!(
-        (episodes..=episodes + 10).contains(&switches),
-        "{switches} switches in churn_sleep, expected {episodes}..={}\n{context}",
+        (episodes - missed..=episodes + 10).contains(&switches),
+        "{switches} switches in churn_sleep, expected {}..={}\n{context}",
+        episodes - missed,
         episodes + 10
     );
     // Each sleep lasts its nominal time plus timer slack and wake-up latency.
+    let counted_ns = (episodes - missed) * SLEEP_MS * 1_000_000;
     assert!(
-        (expected_ns as f64..=1.10 * expected_ns as f64).contains(&(off_cpu_ns as f64)),
-        "{off_cpu_ns} ns off CPU in churn_sleep, expected {expected_ns} to +10%\n{context}"
+        (counted_ns as f64..=1.10 * expected_ns as f64).contains(&(off_cpu_ns as f64)),
+        "{off_cpu_ns} ns off CPU in churn_sleep, expected {counted_ns} to {expected_ns} + 10%\n{context}"
     );
     // Every thread, main included, exited inside the profile: none may be left with an open
     // episode at the end.
