@@ -83,29 +83,34 @@ macro_rules! profiler_maps {
                 recent: &RECENT_TARGET,
             }
         }
+    };
+}
 
-        /// Runs `f` with the aggregate map and stack store of generation `epoch & 1`. Each
-        /// generation gets its own copy of `f`, so every map it uses is known to the verifier,
-        /// which then calls the map's functions directly (or inlines hash lookups) instead of
-        /// through the map's operations table: an indirect call, costly with retpolines.
-        #[inline(always)]
-        fn with_generation<R>(
-            epoch: u32,
-            f: impl FnOnce(
-                &'static aya_ebpf::maps::HashMap<rover_common::StackKey, $value>,
-                $crate::StackStore<'static>,
-            ) -> R,
-        ) -> R {
-            let store = |stacks| $crate::StackStore {
+/// Runs `$body` with `$counts` and `$store` bound to the aggregate map and stack store of
+/// generation `$epoch & 1` (the maps of [`profiler_maps!`]). The body is expanded once per
+/// generation, so every map it uses is a constant the verifier knows: it then calls the map's
+/// functions directly (or inlines hash lookups) instead of through the map's operations table,
+/// an indirect call that is costly with retpolines. (A function taking a closure does not
+/// guarantee this: LLVM may outline the closure and pass the maps in as variables.)
+#[macro_export]
+macro_rules! with_generation {
+    ($epoch:expr, |$counts:ident, $store:ident| $body:block) => {
+        if $epoch & 1 == 0 {
+            let $counts = &COUNTS_0;
+            let $store = $crate::StackStore {
                 scratch: &SCRATCH,
-                stacks,
+                stacks: &STACKS_0,
                 counters: &COUNTERS,
             };
-            if epoch & 1 == 0 {
-                f(&COUNTS_0, store(&STACKS_0))
-            } else {
-                f(&COUNTS_1, store(&STACKS_1))
-            }
+            $body
+        } else {
+            let $counts = &COUNTS_1;
+            let $store = $crate::StackStore {
+                scratch: &SCRATCH,
+                stacks: &STACKS_1,
+                counters: &COUNTERS,
+            };
+            $body
         }
     };
 }
@@ -223,7 +228,6 @@ fn stack_reference(hash: u64) -> u64 {
 }
 
 const KERNEL_SEED: u64 = 0x6b65_726e_656c;
-
 const USER_SEED: u64 = 0x7573_6572;
 
 /// What a capture left in its buffer.

@@ -123,54 +123,48 @@ fn switch_in(next: *mut task_struct) -> Option<u64> {
         return Some(now);
     }
     let epoch = epoch(&CONTROL);
-    with_generation(
-        epoch,
-        #[inline(always)]
-        |counts, store| {
-            let user_stack = store_once(
-                Captured::from_reference(thread.user_stack),
-                epoch,
-                &mut thread.last_user_stack,
-                &mut thread.last_user_epoch,
-                |captured| {
-                    store.store_from(captured, &thread.user_frames, counter::USER_STACK_LOST)
-                },
-            );
-            // SAFETY: `next` is the tracepoint's trusted task pointer, and not running yet.
-            let kernel = unsafe { store.capture_kernel_of(next) };
-            let kernel_stack = store_once(
-                kernel,
-                epoch,
-                &mut thread.last_kernel_stack,
-                &mut thread.last_kernel_epoch,
-                |captured| store.store(captured, counter::KERNEL_STACK_LOST),
-            );
-            let key = StackKey {
-                tgid: thread.tgid,
-                flags: thread.flags,
-                user_stack,
-                kernel_stack,
-            };
-            match get_or_insert(counts, &key, &ZERO) {
-                Some(value) => {
-                    // SAFETY: the fields of an aggregate map value.
-                    unsafe {
-                        atomic_add(&raw mut (*value).switches, 1);
-                        atomic_add(
-                            &raw mut (*value).off_cpu_ns,
-                            episode_ns.saturating_sub(thread.capture_ns),
-                        );
-                        // Zero in exact mode: spare the locked add.
-                        if thread.capture_ns != 0 {
-                            atomic_add(&raw mut (*value).capture_ns, thread.capture_ns);
-                        }
+    rover_ebpf::with_generation!(epoch, |counts, store| {
+        let user_stack = store_once(
+            Captured::from_reference(thread.user_stack),
+            epoch,
+            &mut thread.last_user_stack,
+            &mut thread.last_user_epoch,
+            |captured| store.store_from(captured, &thread.user_frames, counter::USER_STACK_LOST),
+        );
+        // SAFETY: `next` is the tracepoint's trusted task pointer, and not running yet.
+        let kernel = unsafe { store.capture_kernel_of(next) };
+        let kernel_stack = store_once(
+            kernel,
+            epoch,
+            &mut thread.last_kernel_stack,
+            &mut thread.last_kernel_epoch,
+            |captured| store.store(captured, counter::KERNEL_STACK_LOST),
+        );
+        let key = StackKey {
+            tgid: thread.tgid,
+            flags: thread.flags,
+            user_stack,
+            kernel_stack,
+        };
+        match get_or_insert(counts, &key, &ZERO) {
+            Some(value) => {
+                // SAFETY: the fields of an aggregate map value.
+                unsafe {
+                    atomic_add(&raw mut (*value).switches, 1);
+                    atomic_add(
+                        &raw mut (*value).off_cpu_ns,
+                        episode_ns.saturating_sub(thread.capture_ns),
+                    );
+                    // Zero in exact mode: spare the locked add.
+                    if thread.capture_ns != 0 {
+                        atomic_add(&raw mut (*value).capture_ns, thread.capture_ns);
                     }
-                    count(&COUNTERS, counter::RECORDED, 1);
                 }
-                None => count(&COUNTERS, counter::AGGREGATE_FULL, 1),
+                count(&COUNTERS, counter::RECORDED, 1);
             }
-        },
-    );
+            None => count(&COUNTERS, counter::AGGREGATE_FULL, 1),
+        }
+    });
     Some(now)
 }
 

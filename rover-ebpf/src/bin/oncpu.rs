@@ -27,9 +27,13 @@ fn sample(ctx: &PerfEventContext) {
     if !targets().contains(tgid) {
         return;
     }
+    // Copied out of the context first: the body below is expanded once per generation, and
+    // LLVM would otherwise share a pointer into the context between the copies, which the
+    // verifier refuses (it only allows fixed offsets from the context pointer).
     // SAFETY: the context points at the kernel's `bpf_perf_event_data`.
-    let regs = unsafe { &(*ctx.ctx).regs };
-    with_generation(epoch(&CONTROL), |counts, store| {
+    let regs = unsafe { core::ptr::read_volatile(&raw const (*ctx.ctx).regs) };
+    let regs = &regs;
+    rover_ebpf::with_generation!(epoch(&CONTROL), |counts, store| {
         let kernel_stack = if regs.cs & 3 == 0 {
             store.kernel_stack(ctx)
         } else {
