@@ -98,8 +98,15 @@ pub(super) fn run(seconds: u64, repetitions: usize, only: &[Config]) -> anyhow::
             eprintln!("bench offcpu: {repetition}/{repetitions} {}", config.name());
             let run = |stats_enabled| {
                 stats.set(stats_enabled)?;
-                measure(config, &agent, &pingpong, seconds, bystander_pid)
-                    .with_context(|| format!("measuring {}", config.name()))
+                measure(
+                    config,
+                    &agent,
+                    &pingpong,
+                    seconds,
+                    bystander_pid,
+                    stats_enabled,
+                )
+                .with_context(|| format!("measuring {}", config.name()))
             };
             let plain = run(false)?;
             let stats = match config {
@@ -111,16 +118,7 @@ pub(super) fn run(seconds: u64, repetitions: usize, only: &[Config]) -> anyhow::
     }
     let _ = bystander.0.kill();
 
-    let median = |values: &mut Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    let baseline = median(
-        &mut results[0]
-            .iter()
-            .map(|m| m.plain.round_trips_per_second)
-            .collect(),
-    );
+    let baseline = median_by(&results[0], |m| m.plain.round_trips_per_second);
     let added_us = |rate: f64| (1.0 / rate - 1.0 / baseline) / SWITCHES_PER_ROUND_TRIP * 1e6;
     println!(
         "\noff-CPU: ping-pong pinned to CPU 0, {seconds} s runs, {repetitions} repetitions, medians"
@@ -130,29 +128,16 @@ pub(super) fn run(seconds: u64, repetitions: usize, only: &[Config]) -> anyhow::
         "", "round trips/s", "ratio", "µs/switch", "(with stats)", "ns/run", "profiler CPU"
     );
     for (config, runs) in configs.iter().zip(&results) {
-        let rate = median(
-            &mut runs
-                .iter()
-                .map(|m| m.plain.round_trips_per_second)
-                .collect(),
-        );
+        let rate = median_by(runs, |m| m.plain.round_trips_per_second);
         let stats: Vec<Run> = runs.iter().filter_map(|m| m.stats).collect();
         let columns = if stats.is_empty() {
             ["-", "-", "-", "-"].map(str::to_owned)
         } else {
-            let stats_rate = median(&mut stats.iter().map(|r| r.round_trips_per_second).collect());
-            let ns_per_run = median(
-                &mut stats
-                    .iter()
-                    .map(|r| r.program.run_time.as_nanos() as f64 / r.program.runs.max(1) as f64)
-                    .collect(),
-            );
-            let cpu_ms = median(
-                &mut runs
-                    .iter()
-                    .map(|m| m.plain.profiler_cpu.as_secs_f64() * 1000.0)
-                    .collect(),
-            );
+            let stats_rate = median_by(&stats, |r| r.round_trips_per_second);
+            let ns_per_run = median_by(&stats, |r| {
+                r.program.run_time.as_nanos() as f64 / r.program.runs.max(1) as f64
+            });
+            let cpu_ms = median_by(runs, |m| m.plain.profiler_cpu.as_secs_f64() * 1000.0);
             [
                 format!("{:.3}", added_us(rate)),
                 format!("({:.3})", added_us(stats_rate)),
@@ -175,6 +160,13 @@ pub(super) fn run(seconds: u64, repetitions: usize, only: &[Config]) -> anyhow::
          ns/run = in-kernel time per program run; profiler CPU = user+sys of the profiler process)"
     );
     Ok(())
+}
+
+/// The median of `value` over `items` (not empty).
+fn median_by<T>(items: &[T], value: impl Fn(&T) -> f64) -> f64 {
+    let mut values: Vec<f64> = items.iter().map(value).collect();
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// bpftrace from Debian's package, installed if missing, with the tracefs it attaches through
@@ -216,6 +208,7 @@ fn measure(
     pingpong: &Path,
     seconds: u64,
     bystander: u32,
+    with_program_time: bool,
 ) -> anyhow::Result<Run> {
     // The workload waits for a byte on stdin, sent once the profiler is attached, so every
     // configuration measures the same steady state.
@@ -269,7 +262,10 @@ fn measure(
     let mut program = ProgramTime::default();
     let deadline = Instant::now() + Duration::from_secs(seconds + 60);
     loop {
-        if let Some(profiler) = &profiler
+        // Polled only when statistics are on: otherwise there is nothing to read, and the
+        // polling would only disturb the throughput being measured.
+        if with_program_time
+            && let Some(profiler) = &profiler
             && let Some(now) = program_time(profiler.child.id())
         {
             program = now;
