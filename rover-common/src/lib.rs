@@ -4,11 +4,11 @@
 //! bytes. No `bool` (its bit patterns are not all valid), sizes asserted at compile time.
 #![no_std]
 
-/// Deepest user stack recorded; deeper stacks are truncated (and counted).
-pub const MAX_STACK_FRAMES: usize = 127;
+/// Deepest user stack recorded; deeper stacks are truncated (marked and counted).
+pub const MAX_USER_FRAMES: usize = 127;
 
 /// Deepest kernel stack recorded (kernel stacks are far shallower than user ones; capturing
-/// fewer frames saves zero-filling the rest of the buffer on every capture).
+/// fewer frames saves zero-filling the rest of the buffer on every capture, and map memory).
 pub const MAX_KERNEL_FRAMES: usize = 64;
 
 /// Stack reference of a sample that has no such stack: no user stack for kernel threads, no
@@ -20,7 +20,7 @@ pub const LOST_STACK: u64 = 1;
 pub const FIRST_STACK_HASH: u64 = 2;
 
 /// Aggregation key: one process, one user stack, one kernel stack. The stacks are referenced by
-/// the hash of their frames, the key of the generation's stack map.
+/// the hash of their frames, the key of the generation's stack maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
@@ -33,18 +33,31 @@ pub struct StackKey {
 
 /// `StackKey::flags`: the off-CPU episode was involuntary (preempted while runnable).
 pub const STACK_FLAG_PREEMPTED: u32 = 1;
+/// `StackKey::flags`: the user stack was deeper than [`MAX_USER_FRAMES`]; its root end is cut.
+pub const STACK_FLAG_USER_TRUNCATED: u32 = 2;
+/// `StackKey::flags`: the kernel stack was deeper than [`MAX_KERNEL_FRAMES`].
+pub const STACK_FLAG_KERNEL_TRUNCATED: u32 = 4;
 
-/// A captured stack, innermost frame first: `frames[0]` is the interrupted instruction (on-CPU)
-/// or the innermost return address; `len` of the frames are valid, the rest is stale.
+/// A captured user stack, innermost frame first: `frames[0]` is the interrupted instruction
+/// (on-CPU) or the innermost return address; `len` of the frames are valid, the rest is stale.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct StackFrames {
+pub struct UserStack {
     pub len: u64,
-    pub frames: [u64; MAX_STACK_FRAMES],
+    pub frames: [u64; MAX_USER_FRAMES],
+}
+
+/// A captured kernel stack, as [`UserStack`] at kernel depth: stored in maps of their own, so
+/// kernel stacks do not take user-sized slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KernelStack {
+    pub len: u64,
+    pub frames: [u64; MAX_KERNEL_FRAMES],
 }
 
 /// Per-stack off-CPU aggregate. With sampling, `switches` and `off_cpu_ns` cover the kept
-/// episodes and are scaled by 1/p in user space; `capture_ns` is not scaled.
+/// episodes and are scaled by 1/p when the profile is exported; `capture_ns` is not scaled.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OffCpuValue {
@@ -54,6 +67,33 @@ pub struct OffCpuValue {
     /// Time the switch-out program spent capturing stacks (sampled mode only): off-CPU time
     /// that only kept episodes have, so it is added back unscaled.
     pub capture_ns: u64,
+}
+
+/// What the kernel applies to one target (the value of `TARGETS`, and of the "every process"
+/// slots of `CONTROL`): off-CPU options, per process so that tasks on different processes can
+/// differ. The on-CPU sampler ignores them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetOptions {
+    /// Off-CPU episodes shorter than this are not aggregated.
+    pub min_block_ns: u64,
+    /// `TARGET_*` bits.
+    pub flags: u32,
+    pub _padding: u32,
+}
+
+/// `TargetOptions::flags`: involuntary switch-outs (preemption) open no off-CPU episode.
+pub const TARGET_EXCLUDE_PREEMPT: u32 = 1;
+
+/// The per-CPU cache of the target filter: the last target seen on this CPU, valid while the
+/// targets' version (`control::TARGETS_VERSION` + `control::TARGETS_EXITED`) is `version`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecentTarget {
+    pub tgid: u32,
+    pub _padding: u32,
+    pub version: u64,
+    pub options: TargetOptions,
 }
 
 /// Off-CPU state of one target thread, in task-local storage (it ends with the task): the
@@ -68,6 +108,8 @@ pub struct OffCpuThread {
     pub start_ns: u64,
     /// How long the user stack capture took (sampled mode only).
     pub capture_ns: u64,
+    /// The open episode's target's `TargetOptions::min_block_ns`.
+    pub min_block_ns: u64,
     /// Reference of the open episode's user stack; its frames are in `user_frames`.
     pub user_stack: u64,
     /// The stacks of the previous episode and the epoch they were stored in: an equal stack in
@@ -80,13 +122,27 @@ pub struct OffCpuThread {
     pub tgid: u32,
     /// `STACK_FLAG_*` bits of the open episode.
     pub flags: u32,
-    pub user_frames: StackFrames,
+    pub user_frames: UserStack,
 }
 
-/// Slot of the `CONTROL` array map holding the epoch: user space increments it at every drain;
-/// programs write to the maps of generation `epoch & 1`.
-pub const CONTROL_EPOCH: u32 = 0;
-pub const CONTROL_SLOTS: u32 = 1;
+/// Slots of the `CONTROL` array (`u64` values) every profiler has.
+pub mod control {
+    /// The drain epoch: user space increments it at every drain; programs write to the maps of
+    /// generation `epoch & 1`.
+    pub const EPOCH: u32 = 0;
+    /// Non-zero: every process is a target, with the options in the two slots below (per-pid
+    /// entries of `TARGETS` are then not consulted).
+    pub const ALL_TARGETS: u32 = 1;
+    pub const ALL_MIN_BLOCK_NS: u32 = 2;
+    pub const ALL_FLAGS: u32 = 3;
+    /// Incremented by user space after it removed or changed targets, and by the programs when
+    /// they remove a target whose process exited: the per-CPU [`RecentTarget`](super::RecentTarget)
+    /// caches are valid only while the sum of the two is unchanged. Two slots, so that neither
+    /// side overwrites the other's increments.
+    pub const TARGETS_VERSION: u32 = 4;
+    pub const TARGETS_EXITED: u32 = 5;
+    pub const SLOTS: u32 = 6;
+}
 
 /// Indices into the per-CPU `COUNTERS` array: every sample or episode that is not fully recorded
 /// lands in one of these, so losses are never silent.
@@ -105,8 +161,8 @@ pub mod counter {
     pub const AGGREGATE_FULL: u32 = 5;
     /// Samples of threads without user space (kernel threads).
     pub const KERNEL_ONLY: u32 = 6;
-    /// Stacks deeper than `MAX_STACK_FRAMES` (user) or `MAX_KERNEL_FRAMES` (kernel), kept
-    /// truncated.
+    /// Stacks deeper than `MAX_USER_FRAMES` (user) or `MAX_KERNEL_FRAMES` (kernel), kept
+    /// truncated (and marked: `STACK_FLAG_*_TRUNCATED`).
     pub const STACK_TRUNCATED: u32 = 7;
     /// Off-CPU: a switch-out could not be recorded because per-thread state could not be
     /// allocated.
@@ -128,19 +184,62 @@ pub mod counter {
     /// switches do not chain (a switch's `prev` is not the previous switch's `next`), so a
     /// switch-in reached no program run.
     pub const EPISODE_ENDS_MISSED: u32 = 15;
+    /// Targets removed by the kernel because their process exited.
+    pub const TARGETS_EXITED: u32 = 16;
+    /// Debug log records not sent because of the per-CPU rate limit.
+    pub const LOGS_SUPPRESSED: u32 = 17;
     /// Number of slots in the map.
-    pub const SLOTS: u32 = 16;
+    pub const SLOTS: u32 = 18;
+}
+
+/// What the process events object reports (the `PROCESS_EVENTS` ring buffer): processes, not
+/// threads, appearing, replacing their image and ending.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessEvent {
+    /// `process_event::*`.
+    pub kind: u32,
+    /// The process (TGID) the event is about.
+    pub pid: u32,
+    /// Fork: the parent process; 0 otherwise.
+    pub parent: u32,
+}
+
+/// `ProcessEvent::kind` values.
+pub mod process_event {
+    /// A new process (not a thread) was forked; it runs its parent's image.
+    pub const FORK: u32 = 1;
+    /// The process replaced its image (`execve`).
+    pub const EXEC: u32 = 2;
+    /// The last thread of the process exited: its memory map is gone, its pid about to be free.
+    pub const EXIT: u32 = 3;
+}
+
+/// Indices into the events object's per-CPU `EVENT_COUNTERS`.
+pub mod event_counter {
+    /// Events written to the ring buffer.
+    pub const SENT: u32 = 0;
+    /// Events dropped because the ring buffer was full.
+    pub const LOST: u32 = 1;
+    pub const SLOTS: u32 = 2;
 }
 
 const _: () = assert!(core::mem::size_of::<StackKey>() == 24);
-const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 * (MAX_STACK_FRAMES + 1));
+const _: () = assert!(core::mem::size_of::<UserStack>() == 8 * (MAX_USER_FRAMES + 1));
+const _: () = assert!(core::mem::size_of::<KernelStack>() == 8 * (MAX_KERNEL_FRAMES + 1));
 const _: () = assert!(core::mem::size_of::<OffCpuValue>() == 24);
-const _: () = assert!(core::mem::size_of::<OffCpuThread>() == 56 + 8 * (MAX_STACK_FRAMES + 1));
+const _: () = assert!(core::mem::size_of::<TargetOptions>() == 16);
+const _: () = assert!(core::mem::size_of::<RecentTarget>() == 32);
+const _: () = assert!(core::mem::size_of::<OffCpuThread>() == 64 + 8 * (MAX_USER_FRAMES + 1));
+const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 12);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers with no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::StackKey {}
-    unsafe impl aya::Pod for super::StackFrames {}
+    unsafe impl aya::Pod for super::UserStack {}
+    unsafe impl aya::Pod for super::KernelStack {}
     unsafe impl aya::Pod for super::OffCpuValue {}
+    unsafe impl aya::Pod for super::TargetOptions {}
+    unsafe impl aya::Pod for super::ProcessEvent {}
 }

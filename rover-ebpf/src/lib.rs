@@ -1,7 +1,10 @@
-//! Code shared by the profiling programs: stack capture and storage, counting, target filter.
+//! Code shared by the profiling programs: stack capture and storage, counting, target filter,
+//! rate-limited debug logging.
 //!
-//! Each program is its own object (`src/bin/*.rs`) with its own maps, so an on-CPU and an
-//! off-CPU profile can run side by side without sharing state; the maps are passed in here.
+//! Each profiler is its own object (`src/bin/*.rs`) with its own maps, loaded while a task needs
+//! it and unloaded after (its maps are sized at load time), so an on-CPU and an off-CPU profile
+//! run side by side without sharing state; the maps are passed in here. The process events
+//! object (`src/bin/events.rs`) is the third.
 #![no_std]
 #![feature(core_intrinsics)]
 #![expect(
@@ -21,8 +24,8 @@ use aya_ebpf::{
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use rover_common::{
-    CONTROL_EPOCH, FIRST_STACK_HASH, LOST_STACK, MAX_KERNEL_FRAMES, MAX_STACK_FRAMES, NO_STACK,
-    StackFrames, counter,
+    FIRST_STACK_HASH, KernelStack, LOST_STACK, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, NO_STACK,
+    RecentTarget, TargetOptions, UserStack, control, counter,
 };
 
 const EEXIST: i32 = 17;
@@ -35,30 +38,39 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 }
 
 /// Declares what every profiling program has, the names user space (`bpf/`) looks up: the
-/// `TARGET_ALL` global, the target filter, the epoch, the counters, the stack scratch buffer
-/// and two generations of aggregates (with values `$value`) and stacks (see
-/// `rover-agent/src/bpf/aggregates.rs`). The maps are preallocated (allocating in tracing
-/// contexts can fail) and sized by user space at load time.
+/// target filter (`TARGETS`, its per-CPU cache and the `CONTROL` slots), the counters, the stack
+/// scratch buffers, two generations of aggregates (with values `$value`) and of user and kernel
+/// stacks (see `rover-agent/src/bpf/drain.rs`), the debug-log rate limit, and the
+/// `target_exit` program, which removes a target when its process ends so that a later process
+/// given its pid is not recorded. The maps are preallocated (allocating in tracing contexts
+/// can fail) and sized by user space at load time.
 #[macro_export]
 macro_rules! profiler_maps {
     ($value:ty) => {
-        /// Set at load time: non-zero to record every process, zero for those in `TARGETS`.
+        /// Set at load time: non-zero when debug logging is on (aya-log); zero compiles every
+        /// rare-event log statement out (the verifier prunes the branch).
         #[unsafe(no_mangle)]
-        static TARGET_ALL: u8 = 0;
+        static LOG_DEBUG: aya_ebpf::Global<u8> = aya_ebpf::Global::new(0);
         #[aya_ebpf::macros::map]
-        static TARGETS: aya_ebpf::maps::HashMap<u32, u8> =
+        static TARGETS: aya_ebpf::maps::HashMap<u32, rover_common::TargetOptions> =
             aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
         #[aya_ebpf::macros::map]
-        static RECENT_TARGET: aya_ebpf::maps::PerCpuArray<u32> =
+        static RECENT_TARGET: aya_ebpf::maps::PerCpuArray<rover_common::RecentTarget> =
             aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
         #[aya_ebpf::macros::map]
-        static CONTROL: aya_ebpf::maps::Array<u32> =
-            aya_ebpf::maps::Array::with_max_entries(rover_common::CONTROL_SLOTS, 0);
+        static CONTROL: aya_ebpf::maps::Array<u64> =
+            aya_ebpf::maps::Array::with_max_entries(rover_common::control::SLOTS, 0);
         #[aya_ebpf::macros::map]
         static COUNTERS: aya_ebpf::maps::PerCpuArray<u64> =
             aya_ebpf::maps::PerCpuArray::with_max_entries(rover_common::counter::SLOTS, 0);
         #[aya_ebpf::macros::map]
-        static SCRATCH: aya_ebpf::maps::PerCpuArray<rover_common::StackFrames> =
+        static LOG_LIMIT: aya_ebpf::maps::PerCpuArray<u64> =
+            aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+        #[aya_ebpf::macros::map]
+        static SCRATCH: aya_ebpf::maps::PerCpuArray<rover_common::UserStack> =
+            aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+        #[aya_ebpf::macros::map]
+        static KERNEL_SCRATCH: aya_ebpf::maps::PerCpuArray<rover_common::KernelStack> =
             aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
         #[aya_ebpf::macros::map]
         static COUNTS_0: aya_ebpf::maps::HashMap<rover_common::StackKey, $value> =
@@ -67,26 +79,62 @@ macro_rules! profiler_maps {
         static COUNTS_1: aya_ebpf::maps::HashMap<rover_common::StackKey, $value> =
             aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
         #[aya_ebpf::macros::map]
-        static STACKS_0: aya_ebpf::maps::HashMap<u64, rover_common::StackFrames> =
-            aya_ebpf::maps::HashMap::with_max_entries(2048, 0);
+        static USER_STACKS_0: aya_ebpf::maps::HashMap<u64, rover_common::UserStack> =
+            aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
         #[aya_ebpf::macros::map]
-        static STACKS_1: aya_ebpf::maps::HashMap<u64, rover_common::StackFrames> =
-            aya_ebpf::maps::HashMap::with_max_entries(2048, 0);
+        static USER_STACKS_1: aya_ebpf::maps::HashMap<u64, rover_common::UserStack> =
+            aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
+        #[aya_ebpf::macros::map]
+        static KERNEL_STACKS_0: aya_ebpf::maps::HashMap<u64, rover_common::KernelStack> =
+            aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
+        #[aya_ebpf::macros::map]
+        static KERNEL_STACKS_1: aya_ebpf::maps::HashMap<u64, rover_common::KernelStack> =
+            aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
 
         /// The target filter of this program.
         #[inline(always)]
         fn targets() -> $crate::TargetFilter<'static> {
             $crate::TargetFilter {
-                // SAFETY: a global written only at load time.
-                all: unsafe { core::ptr::read_volatile(&TARGET_ALL) } != 0,
                 targets: &TARGETS,
                 recent: &RECENT_TARGET,
+                control: &CONTROL,
             }
+        }
+
+        /// The rare-event logger of this program, for records of epoch `epoch`.
+        #[inline(always)]
+        fn rare_log(epoch: u64) -> $crate::RareLog<'static> {
+            $crate::RareLog {
+                enabled: LOG_DEBUG.load() != 0,
+                limit: &LOG_LIMIT,
+                counters: &COUNTERS,
+                epoch,
+            }
+        }
+
+        /// `TP_PROTO(struct task_struct *p, bool group_dead)`: the last thread of a process
+        /// exits. Its pid can be reused once the process is reaped: the target goes now. A raw
+        /// tracepoint: attaching it needs no kernel BTF, which costs the agent ~18 MB to parse.
+        #[aya_ebpf::macros::raw_tracepoint(tracepoint = "sched_process_exit")]
+        pub fn target_exit(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
+            let group_dead: u64 = ctx.arg(1);
+            if group_dead & 0xff == 0 {
+                return 0;
+            }
+            let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+            if TARGETS.remove(tgid).is_ok() {
+                $crate::count(&COUNTERS, rover_common::counter::TARGETS_EXITED, 1);
+                if let Some(exited) = CONTROL.get_ptr_mut(rover_common::control::TARGETS_EXITED) {
+                    // SAFETY: a u64 slot of an array map, which other CPUs may update too.
+                    unsafe { $crate::atomic_add(exited, 1) };
+                }
+            }
+            0
         }
     };
 }
 
-/// Runs `$body` with `$counts` and `$store` bound to the aggregate map and stack store of
+/// Runs `$body` with `$counts` and `$store` bound to the aggregate map and stack stores of
 /// generation `$epoch & 1` (the maps of [`profiler_maps!`]). The body is expanded once per
 /// generation, so every map it uses is a constant the verifier knows: it then calls the map's
 /// functions directly (or inlines hash lookups) instead of through the map's operations table,
@@ -99,7 +147,9 @@ macro_rules! with_generation {
             let $counts = &COUNTS_0;
             let $store = $crate::StackStore {
                 scratch: &SCRATCH,
-                stacks: &STACKS_0,
+                kernel_scratch: &KERNEL_SCRATCH,
+                user_stacks: &USER_STACKS_0,
+                kernel_stacks: &KERNEL_STACKS_0,
                 counters: &COUNTERS,
             };
             $body
@@ -107,12 +157,63 @@ macro_rules! with_generation {
             let $counts = &COUNTS_1;
             let $store = $crate::StackStore {
                 scratch: &SCRATCH,
-                stacks: &STACKS_1,
+                kernel_scratch: &KERNEL_SCRATCH,
+                user_stacks: &USER_STACKS_1,
+                kernel_stacks: &KERNEL_STACKS_1,
                 counters: &COUNTERS,
             };
             $body
         }
     };
+}
+
+/// Logs a rare kernel-side event at debug level (aya-log, bridged into the agent's tracing),
+/// if debug logging was on at load time and this CPU's budget for the epoch is not spent.
+#[macro_export]
+macro_rules! rare_debug {
+    ($log:expr, $ctx:expr, $($arg:tt)+) => {
+        if $log.allowed() {
+            aya_log_ebpf::debug!($ctx, $($arg)+);
+        }
+    };
+}
+
+/// Debug log records each CPU may send per epoch (one drain interval); more are counted in
+/// `counter::LOGS_SUPPRESSED`.
+const LOG_RECORDS_PER_EPOCH: u64 = 4;
+
+/// The rate limit of [`rare_debug!`].
+pub struct RareLog<'a> {
+    /// Set at load time: false makes [`allowed`](Self::allowed) a constant the verifier prunes.
+    pub enabled: bool,
+    /// Per CPU: the epoch (high 32 bits) and the records sent in it (low 32 bits).
+    pub limit: &'a PerCpuArray<u64>,
+    pub counters: &'a PerCpuArray<u64>,
+    pub epoch: u64,
+}
+
+impl RareLog<'_> {
+    #[inline(always)]
+    pub fn allowed(&self) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let Some(slot) = self.limit.get_ptr_mut(0) else {
+            return false;
+        };
+        // SAFETY: a per-CPU slot only this CPU touches.
+        let state = unsafe { &mut *slot };
+        let epoch = self.epoch & 0xffff_ffff;
+        if *state >> 32 != epoch {
+            *state = epoch << 32;
+        }
+        if *state & 0xffff_ffff >= LOG_RECORDS_PER_EPOCH {
+            count(self.counters, counter::LOGS_SUPPRESSED, 1);
+            return false;
+        }
+        *state += 1;
+        true
+    }
 }
 
 /// Adds `n` to the per-CPU counter `index`. Per-CPU slots need no atomics: a program never
@@ -137,40 +238,64 @@ pub unsafe fn atomic_add(dst: *mut u64, n: u64) {
 
 /// The current epoch: its low bit selects the generation of maps programs write to.
 #[inline(always)]
-pub fn epoch(control: &Array<u32>) -> u32 {
-    control.get(CONTROL_EPOCH).copied().unwrap_or(0)
+pub fn epoch(control: &Array<u64>) -> u64 {
+    control_slot(control, control::EPOCH)
 }
 
-/// The target filter: every process when `all` is set, else the TGIDs in `targets`. The last
-/// target seen on each CPU is remembered in `recent` (targets are only ever added, so it cannot
-/// go stale): a thread switching many times in a row skips the hash lookup.
+#[inline(always)]
+fn control_slot(control: &Array<u64>, slot: u32) -> u64 {
+    control.get(slot).copied().unwrap_or(0)
+}
+
+/// The target filter: every process when `CONTROL` says so, else the TGIDs in `targets`, each
+/// with its options. The last target found on each CPU is remembered in `recent`, valid while
+/// the targets' version is unchanged (user space bumps it after removing or changing targets,
+/// `target_exit` when it removes one): a thread switching many times in a row skips the hash
+/// lookup, and a removed target is never found in a stale cache.
 pub struct TargetFilter<'a> {
-    pub all: bool,
-    pub targets: &'a HashMap<u32, u8>,
-    pub recent: &'a PerCpuArray<u32>,
+    pub targets: &'a HashMap<u32, TargetOptions>,
+    pub recent: &'a PerCpuArray<RecentTarget>,
+    pub control: &'a Array<u64>,
 }
 
 impl TargetFilter<'_> {
+    /// The options of `tgid` if it is a target.
     #[inline(always)]
-    pub fn contains(&self, tgid: u32) -> bool {
-        if self.all {
-            return true;
+    pub fn lookup(&self, tgid: u32) -> Option<TargetOptions> {
+        if control_slot(self.control, control::ALL_TARGETS) != 0 {
+            return Some(TargetOptions {
+                min_block_ns: control_slot(self.control, control::ALL_MIN_BLOCK_NS),
+                flags: control_slot(self.control, control::ALL_FLAGS) as u32,
+                _padding: 0,
+            });
         }
+        // Read before the lookup: a target removed after this read changes the version, so
+        // whatever the lookup finds is not trusted from the cache afterwards.
+        let version = control_slot(self.control, control::TARGETS_VERSION)
+            .wrapping_add(control_slot(self.control, control::TARGETS_EXITED));
         let recent = self.recent.get_ptr_mut(0);
-        if let Some(recent) = recent
+        if let Some(recent) = recent {
             // SAFETY: a per-CPU slot only this CPU touches.
-            && unsafe { *recent } == tgid
-        {
-            return true;
+            let recent = unsafe { &*recent };
+            if recent.tgid == tgid && recent.version == version {
+                return Some(recent.options);
+            }
         }
-        if self.targets.get_ptr(tgid).is_none() {
-            return false;
-        }
+        // SAFETY: copied out at once; a concurrent removal can at worst make this one run use
+        // the options of a target being removed.
+        let options = unsafe { *self.targets.get(tgid)? };
         if let Some(recent) = recent {
             // SAFETY: as above.
-            unsafe { *recent = tgid };
+            unsafe {
+                *recent = RecentTarget {
+                    tgid,
+                    _padding: 0,
+                    version,
+                    options,
+                }
+            };
         }
-        true
+        Some(options)
     }
 }
 
@@ -200,7 +325,7 @@ fn mix(hash: u64, word: u64) -> u64 {
 /// leave it), eight frames at a time: the loop ends soon after the stack does, and has few enough
 /// exits for the verifier to check what follows once per exit.
 #[inline(always)]
-fn hash_filled_frames(trace: &StackFrames, seed: u64) -> u64 {
+fn hash_filled_frames(trace: &KernelStack, seed: u64) -> u64 {
     const BLOCK: usize = 8;
     let len = trace.len as usize;
     let mut hash = seed;
@@ -233,8 +358,9 @@ const USER_SEED: u64 = 0x7573_6572;
 /// What a capture left in its buffer.
 #[derive(Clone, Copy)]
 pub enum Captured {
-    /// A stack, and the reference it will be stored under.
-    Stack(u64),
+    /// A stack, the reference it will be stored under, and whether it was cut at the maximum
+    /// depth.
+    Stack { reference: u64, truncated: bool },
     /// The task has no such stack (no user space in a kernel thread).
     Absent,
     /// Capturing failed (counted).
@@ -246,40 +372,57 @@ impl Captured {
     #[inline(always)]
     pub fn reference(self) -> u64 {
         match self {
-            Self::Stack(hash) => hash,
+            Self::Stack { reference, .. } => reference,
             Self::Absent => NO_STACK,
             Self::Lost => LOST_STACK,
         }
     }
 
-    /// What a stack [`reference`](Self::reference) says was captured.
+    /// `flag` if the stack was truncated, else 0.
+    #[inline(always)]
+    pub fn truncation(self, flag: u32) -> u32 {
+        match self {
+            Self::Stack {
+                truncated: true, ..
+            } => flag,
+            _ => 0,
+        }
+    }
+
+    /// What a stack [`reference`](Self::reference) says was captured (truncation is kept
+    /// apart, in the flags).
     #[inline(always)]
     pub fn from_reference(reference: u64) -> Self {
         match reference {
             NO_STACK => Self::Absent,
             LOST_STACK => Self::Lost,
-            hash => Self::Stack(hash),
+            reference => Self::Stack {
+                reference,
+                truncated: false,
+            },
         }
     }
 }
 
-/// Where stacks are captured (the per-CPU scratch buffer, or the caller's) and stored (the
-/// generation's stack map, deduplicated by hash), with the counters for losses. A capture is
-/// followed by a store unless the caller knows the stack is stored already.
+/// Where stacks are captured (the per-CPU scratch buffers, or the caller's) and stored (the
+/// generation's stack maps, user and kernel apart, deduplicated by hash), with the counters for
+/// losses. A capture is followed by a store unless the caller knows the stack is stored already.
 pub struct StackStore<'a> {
-    pub scratch: &'a PerCpuArray<StackFrames>,
-    pub stacks: &'a HashMap<u64, StackFrames>,
+    pub scratch: &'a PerCpuArray<UserStack>,
+    pub kernel_scratch: &'a PerCpuArray<KernelStack>,
+    pub user_stacks: &'a HashMap<u64, UserStack>,
+    pub kernel_stacks: &'a HashMap<u64, KernelStack>,
     pub counters: &'a PerCpuArray<u64>,
 }
 
 impl StackStore<'_> {
-    /// Captures and stores the current kernel stack.
+    /// Captures the current kernel stack into the kernel scratch buffer.
     #[inline(always)]
-    pub fn kernel_stack<C: EbpfContext>(&self, ctx: &C) -> u64 {
+    pub fn capture_kernel<C: EbpfContext>(&self, ctx: &C) -> Captured {
         // SAFETY: the helper writes at most `size` bytes into `buffer`.
-        let captured = self
-            .capture_kernel(|buffer, size| unsafe { bpf_get_stack(ctx.as_ptr(), buffer, size, 0) });
-        self.store(captured, counter::KERNEL_STACK_LOST)
+        self.capture_kernel_with(|buffer, size| unsafe {
+            bpf_get_stack(ctx.as_ptr(), buffer, size, 0)
+        })
     }
 
     /// Captures the kernel stack of `task`, which must not be running: it is read from where
@@ -290,12 +433,14 @@ impl StackStore<'_> {
     #[inline(always)]
     pub unsafe fn capture_kernel_of(&self, task: *mut task_struct) -> Captured {
         // SAFETY: the helper writes at most `size` bytes into `buffer`; `task` is trusted.
-        self.capture_kernel(|buffer, size| unsafe { bpf_get_task_stack(task, buffer, size, 0) })
+        self.capture_kernel_with(|buffer, size| unsafe {
+            bpf_get_task_stack(task, buffer, size, 0)
+        })
     }
 
     #[inline(always)]
-    fn capture_kernel(&self, capture: impl FnOnce(*mut c_void, u32) -> i64) -> Captured {
-        let Some(trace) = self.scratch.get_ptr_mut(0) else {
+    fn capture_kernel_with(&self, capture: impl FnOnce(*mut c_void, u32) -> i64) -> Captured {
+        let Some(trace) = self.kernel_scratch.get_ptr_mut(0) else {
             return Captured::Lost;
         };
         // SAFETY: a valid per-CPU scratch value; programs do not nest on one CPU.
@@ -309,21 +454,18 @@ impl StackStore<'_> {
             return Captured::Lost;
         }
         trace.len = written as u64 / 8;
-        if trace.len as usize == MAX_KERNEL_FRAMES {
+        let truncated = trace.len as usize == MAX_KERNEL_FRAMES;
+        if truncated {
             count(self.counters, counter::STACK_TRUNCATED, 1);
         }
-        Captured::Stack(stack_reference(hash_filled_frames(trace, KERNEL_SEED)))
-    }
-
-    /// Captures and stores the user stack (see [`capture_user`](Self::capture_user)).
-    #[inline(always)]
-    pub fn user_stack(&self, interrupted: Option<&pt_regs>) -> u64 {
-        let captured = self.capture_user(interrupted);
-        self.store(captured, counter::USER_STACK_LOST)
+        Captured::Stack {
+            reference: stack_reference(hash_filled_frames(trace, KERNEL_SEED)),
+            truncated,
+        }
     }
 
     /// Captures the user stack of the current task into the scratch buffer (see
-    /// [`capture_user_into`](Self::capture_user_into)).
+    /// [`capture_user_into`]).
     #[inline(always)]
     pub fn capture_user(&self, interrupted: Option<&pt_regs>) -> Captured {
         let Some(trace) = self.scratch.get_ptr_mut(0) else {
@@ -333,46 +475,89 @@ impl StackStore<'_> {
         capture_user_into(unsafe { &mut *trace }, interrupted, self.counters)
     }
 
-    /// Stores the stack just captured in the scratch buffer (deduplicated by its hash) and
-    /// returns its reference: [`NO_STACK`], or [`LOST_STACK`] (counted in `lost_counter`) if it
-    /// cannot be stored.
+    /// Stores the kernel stack just captured in the kernel scratch buffer and returns its
+    /// reference: [`NO_STACK`], or [`LOST_STACK`] (counted) if it cannot be stored.
     #[inline(always)]
-    pub fn store(&self, captured: Captured, lost_counter: u32) -> u64 {
-        self.store_with(captured, lost_counter, || self.scratch.get(0))
+    pub fn store_kernel(&self, captured: Captured, log: &RareLog) -> u64 {
+        store(
+            self.kernel_stacks,
+            self.counters,
+            captured,
+            counter::KERNEL_STACK_LOST,
+            log,
+            || self.kernel_scratch.get(0),
+        )
     }
 
-    /// [`store`](Self::store) for a stack captured into `trace`.
+    /// Stores the user stack just captured in the scratch buffer (see
+    /// [`store_kernel`](Self::store_kernel)).
     #[inline(always)]
-    pub fn store_from(&self, captured: Captured, trace: &StackFrames, lost_counter: u32) -> u64 {
-        self.store_with(captured, lost_counter, || Some(trace))
+    pub fn store_user(&self, captured: Captured, log: &RareLog) -> u64 {
+        store(
+            self.user_stacks,
+            self.counters,
+            captured,
+            counter::USER_STACK_LOST,
+            log,
+            || self.scratch.get(0),
+        )
     }
 
+    /// [`store_user`](Self::store_user) for a user stack captured into `trace`.
     #[inline(always)]
-    fn store_with<'t>(
-        &self,
-        captured: Captured,
-        lost_counter: u32,
-        trace: impl FnOnce() -> Option<&'t StackFrames>,
-    ) -> u64 {
-        let reference = match captured {
-            Captured::Stack(reference) => reference,
-            Captured::Absent => return NO_STACK,
-            Captured::Lost => return LOST_STACK,
-        };
-        if self.stacks.get_ptr(reference).is_some() {
-            return reference;
-        }
-        let Some(trace) = trace() else {
-            return LOST_STACK;
-        };
-        // By reference: the map copies the value (1 KiB does not fit on the BPF stack).
-        match self.stacks.insert(reference, trace, BPF_NOEXIST.into()) {
-            Ok(()) => reference,
-            Err(error) if error == -EEXIST => reference,
-            Err(_) => {
-                count(self.counters, lost_counter, 1);
-                LOST_STACK
-            }
+    pub fn store_user_from(&self, captured: Captured, trace: &UserStack, log: &RareLog) -> u64 {
+        store(
+            self.user_stacks,
+            self.counters,
+            captured,
+            counter::USER_STACK_LOST,
+            log,
+            || Some(trace),
+        )
+    }
+}
+
+/// Stores a captured stack in `stacks` under its reference (deduplicated: an equal stack is
+/// stored already) and returns the reference, or [`LOST_STACK`] counted in `lost_counter`.
+#[inline(always)]
+fn store<'t, T: 't>(
+    stacks: &HashMap<u64, T>,
+    counters: &PerCpuArray<u64>,
+    captured: Captured,
+    lost_counter: u32,
+    log: &RareLog,
+    trace: impl FnOnce() -> Option<&'t T>,
+) -> u64 {
+    let reference = match captured {
+        Captured::Stack { reference, .. } => reference,
+        Captured::Absent => return NO_STACK,
+        Captured::Lost => return LOST_STACK,
+    };
+    if stacks.get_ptr(reference).is_some() {
+        return reference;
+    }
+    let Some(trace) = trace() else {
+        return LOST_STACK;
+    };
+    // By reference: the map copies the value (1 KiB does not fit on the BPF stack).
+    match stacks.insert(reference, trace, BPF_NOEXIST.into()) {
+        Ok(()) => reference,
+        Err(error) if error == -EEXIST => reference,
+        Err(error) => {
+            count(counters, lost_counter, 1);
+            // aya-log (=0.2.0) ignores the context argument: none is at hand here.
+            rare_debug!(
+                log,
+                &(),
+                "stack map insert failed (error {}): a {} stack is lost",
+                error,
+                if lost_counter == counter::KERNEL_STACK_LOST {
+                    "kernel"
+                } else {
+                    "user"
+                }
+            );
+            LOST_STACK
         }
     }
 }
@@ -382,7 +567,7 @@ impl StackStore<'_> {
 /// at kernel entry. Kernel threads have none.
 #[inline(always)]
 pub fn capture_user_into(
-    trace: &mut StackFrames,
+    trace: &mut UserStack,
     interrupted: Option<&pt_regs>,
     counters: &PerCpuArray<u64>,
 ) -> Captured {
@@ -396,7 +581,7 @@ pub fn capture_user_into(
     let mut hash = mix(USER_SEED, regs.ip);
     let mut len = 1;
     let mut frame_pointer = regs.frame_pointer;
-    for i in 1..MAX_STACK_FRAMES {
+    for i in 1..MAX_USER_FRAMES {
         // A frame record is [saved frame pointer, return address], 8-byte aligned.
         if frame_pointer == 0 || frame_pointer & 7 != 0 {
             break;
@@ -421,11 +606,15 @@ pub fn capture_user_into(
         }
         frame_pointer = next_frame_pointer;
     }
-    if len == MAX_STACK_FRAMES {
+    let truncated = len == MAX_USER_FRAMES;
+    if truncated {
         count(counters, counter::STACK_TRUNCATED, 1);
     }
     trace.len = len as u64;
-    Captured::Stack(stack_reference(hash))
+    Captured::Stack {
+        reference: stack_reference(hash),
+        truncated,
+    }
 }
 
 struct UserRegisters {

@@ -7,9 +7,58 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use rover_agent::bpf::check_privilege;
+use rover_agent::bpf::{DEFAULT_MAP_MEMORY_BYTES, ProfilerSettings, check_privilege};
+use rover_agent::symbolize::{DEFAULT_SYMBOL_CACHE_BYTES, SymbolizerConfig};
+use rover_agent::task::{AgentConfig, ProfileWindow, WindowSink};
 
 pub mod pprof;
+
+/// An agent configuration for library-API tests: `frequency_hz`, exact off-CPU, drains every
+/// `drain_interval`.
+pub fn agent_config(frequency_hz: u64, drain_interval: Duration) -> AgentConfig {
+    AgentConfig {
+        profilers: ProfilerSettings {
+            frequency_hz,
+            off_cpu_sample_probability: 1.0,
+            drain_interval,
+            map_memory_bytes: DEFAULT_MAP_MEMORY_BYTES,
+            max_targets: 1024,
+        },
+        symbolizer: SymbolizerConfig {
+            debug_info: false,
+            symbol_cache_bytes: DEFAULT_SYMBOL_CACHE_BYTES,
+        },
+        exited_process_grace: Duration::from_secs(60),
+    }
+}
+
+/// A sink that keeps every window it is handed, for the test to read.
+#[derive(Clone, Default)]
+pub struct Windows(pub std::sync::Arc<std::sync::Mutex<Vec<ProfileWindow>>>);
+
+impl WindowSink for Windows {
+    fn window(&mut self, window: ProfileWindow) -> anyhow::Result<()> {
+        self.0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .push(window);
+        Ok(())
+    }
+}
+
+impl Windows {
+    pub fn take(&self) -> Vec<ProfileWindow> {
+        std::mem::take(&mut *self.0.lock().expect("windows"))
+    }
+}
+
+/// A current-thread tokio runtime for tests that drive the library API.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
 
 /// Whether BPF can be used here. Outside CI a test that needs it returns early after a loud
 /// message; with `CI=true` it fails instead, so a broken CI machine cannot pass silently.

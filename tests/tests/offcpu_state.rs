@@ -5,11 +5,14 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{bpf_available, machine_lock, workload_path};
-use rover_agent::bpf::{OffCpuConfig, OffCpuProbe, Targets};
+use integration_tests::{
+    Windows, agent_config, bpf_available, machine_lock, runtime, workload_path,
+};
+use rover_agent::bpf::{ProfilerKind, TargetOptions, Targets};
+use rover_agent::task::{Agent, TaskSpec};
 
 /// thread_churn creates THREADS threads that each sleep SLEEPS times (MS ms) and exit. With
-/// drains every 10 ms racing the episodes, everything recorded comes out exactly once, and once
+/// drains every 10 ms (by the agent's engine) racing the episodes, everything recorded comes out exactly once, and once
 /// the workload is gone no per-thread state is left (each went at its thread's last switch;
 /// task-local storage would also go with the task if that switch were missed).
 #[test]
@@ -25,13 +28,20 @@ fn per_thread_state_ends_with_the_threads_and_drains_are_exact() {
         .stdout(Stdio::null())
         .spawn()
         .expect("start thread_churn");
-    let mut probe = OffCpuProbe::start(&OffCpuConfig {
-        targets: Targets::Pids(vec![workload.id()]),
-        exclude_preempt: false,
-        min_block: Duration::ZERO,
-        sample_probability: 1.0,
-    })
-    .expect("off-CPU profiler starts");
+    let agent = Agent::start(agent_config(99, Duration::from_millis(10))).expect("agent");
+    let windows = Windows::default();
+    let runtime = runtime();
+    let task = runtime
+        .block_on(agent.start_task(
+            TaskSpec {
+                kind: ProfilerKind::OffCpu,
+                targets: Targets::Pids(vec![workload.id()]),
+                options: TargetOptions::default(),
+                window: None,
+            },
+            Box::new(windows.clone()),
+        ))
+        .expect("off-CPU task starts");
     workload
         .stdin
         .take()
@@ -39,25 +49,19 @@ fn per_thread_state_ends_with_the_threads_and_drains_are_exact() {
         .write_all(b"g")
         .expect("start the threads");
 
-    let mut switches = 0;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let drain = |probe: &mut OffCpuProbe| {
-        let drained = probe.drain().expect("drain");
-        drained
-            .iter()
-            .map(|stack| stack.value.switches)
-            .sum::<u64>()
-    };
     while workload.try_wait().expect("wait").is_none() {
         assert!(Instant::now() < deadline, "thread_churn did not finish");
-        switches += drain(&mut probe);
         std::thread::sleep(Duration::from_millis(10));
     }
-    switches += drain(&mut probe);
-    probe.stop().expect("detach");
-    switches += drain(&mut probe);
+    let summary = runtime.block_on(task.stop()).expect("task stops");
+    let switches: u64 = windows
+        .take()
+        .iter()
+        .map(|window| window.profile.recorded_total(0))
+        .sum();
 
-    let counters = probe.counters().expect("counters");
+    let counters = summary.counters;
     assert_eq!(counters.losses(), 0, "{counters:?}");
     assert_eq!(
         switches, counters.recorded,

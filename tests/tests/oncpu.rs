@@ -4,11 +4,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use integration_tests::{
-    Folded, Workload, agent, assert_near, bpf_available, machine_lock, run_agent,
+    Folded, Windows, Workload, agent, agent_config, assert_near, bpf_available, machine_lock,
+    run_agent, runtime,
 };
-use rover_agent::bpf::Targets;
-use rover_agent::symbolize::SymbolizerConfig;
-use rover_agent::task::{EndReason, OnCpuRequest, RunSettings, profile_on_cpu};
+use rover_agent::bpf::{ProfilerKind, TargetOptions, Targets};
+use rover_agent::task::{Agent, TaskSpec};
 
 const FREQUENCY_HZ: f64 = 99.0;
 
@@ -243,35 +243,37 @@ fn draining_loses_and_double_counts_nothing() {
     }
     let _lock = machine_lock();
     let workload = Workload::spawn("busy_threads", &["2", "8"]);
-    let request = OnCpuRequest {
-        run: RunSettings {
-            targets: Targets::Pids(vec![workload.pid()]),
-            duration: Duration::from_secs(3),
-            drain_interval: Duration::from_millis(10),
-            symbolizer: SymbolizerConfig {
-                debug_info: false,
-                exited_process_grace: Duration::from_secs(60),
-            },
-        },
-        frequency_hz: 999,
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let run = runtime
-        .block_on(profile_on_cpu(&request, std::future::pending()))
-        .expect("profiling runs");
-    assert_eq!(run.end, EndReason::Completed);
-    assert_eq!(run.counters.losses(), 0, "{:?}", run.counters);
+    let agent = Agent::start(agent_config(999, Duration::from_millis(10))).expect("agent");
+    let windows = Windows::default();
+    let summary = runtime().block_on(async {
+        let task = agent
+            .start_task(
+                TaskSpec {
+                    kind: ProfilerKind::OnCpu,
+                    targets: Targets::Pids(vec![workload.pid()]),
+                    options: TargetOptions::default(),
+                    window: None,
+                },
+                Box::new(windows.clone()),
+            )
+            .await
+            .expect("task starts");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        task.stop().await.expect("task stops")
+    });
+    let counters = summary.counters;
+    assert_eq!(counters.losses(), 0, "{counters:?}");
     assert!(
-        run.counters.recorded > 2000,
-        "too few samples to mean anything: {:?}",
-        run.counters
+        counters.recorded > 2000,
+        "too few samples to mean anything: {counters:?}"
     );
+    let drained: u64 = windows
+        .take()
+        .iter()
+        .map(|window| window.profile.recorded_total(0))
+        .sum();
     assert_eq!(
-        run.profile.total(0),
-        run.counters.recorded,
+        drained, counters.recorded,
         "drained counts differ from recorded samples"
     );
 }

@@ -11,7 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rover_agent::profile::{Frame, FrameKind};
-use rover_agent::symbolize::{Symbolizer, SymbolizerConfig};
+use rover_agent::symbolize::{
+    DEFAULT_SYMBOL_CACHE_BYTES, ProcessTable, Symbolizer, SymbolizerConfig,
+};
 
 const GRACE: Duration = Duration::from_secs(30);
 
@@ -91,8 +93,20 @@ fn root_or_skip(test: &str) -> bool {
 fn config() -> SymbolizerConfig {
     SymbolizerConfig {
         debug_info: true,
-        exited_process_grace: GRACE,
+        symbol_cache_bytes: DEFAULT_SYMBOL_CACHE_BYTES,
     }
+}
+
+/// A symbolizer with a table of its own.
+fn symbolizer(config: SymbolizerConfig) -> Symbolizer {
+    Symbolizer::new(config, ProcessTable::new(GRACE))
+}
+
+/// The frames of `stack` of `pid`, asserting that the stack was not cut.
+fn user_frames(symbolizer: &mut Symbolizer, pid: u32, stack: &[u64]) -> Vec<Frame> {
+    let frames = symbolizer.user_frames(pid, stack);
+    assert!(!frames.cut, "{frames:#?}");
+    frames.frames
 }
 
 /// Compiles `source` (written as `name` in `dir`) with `compiler` and `extra` arguments;
@@ -197,21 +211,47 @@ fn c_fixture_symbolizes_alive_and_after_exit() {
     let binary = compile_c(dir.path());
     let mut fixture = Fixture::spawn(Command::new(&binary));
     let pid = fixture.pid();
-    let mut symbolizer = Symbolizer::new(config());
-    symbolizer.observe_process(pid);
-    assert_c_fixture_named(&symbolizer.user_frames(pid, &fixture.stack()), &binary);
+    let table = ProcessTable::new(GRACE);
+    let mut symbolizer = Symbolizer::new(config(), table.clone());
+    table.capture(pid);
+    assert_eq!(table.name(pid).as_deref(), Some("fixture"));
+    let stack = fixture.stack();
+    assert_c_fixture_named(&user_frames(&mut symbolizer, pid, &stack), &binary);
 
     fixture.exit();
-    assert_c_fixture_named(&symbolizer.user_frames(pid, &fixture.stack()), &binary);
+    assert_c_fixture_named(&user_frames(&mut symbolizer, pid, &stack), &binary);
 
+    // No exit event: the liveness check finds it gone.
     let now = Instant::now();
-    symbolizer.retire_exited(now);
-    assert_c_fixture_named(&symbolizer.user_frames(pid, &fixture.stack()), &binary);
-    symbolizer.retire_exited(now + GRACE);
+    assert_eq!(table.retire(now), 0);
+    symbolizer.retire();
+    assert_c_fixture_named(&user_frames(&mut symbolizer, pid, &stack), &binary);
+    assert_eq!(table.retire(now + GRACE), 1);
+    assert_eq!(table.stats().open_files, 0, "files closed");
+    symbolizer.retire();
     assert_eq!(symbolizer.stats().open_binaries, 0, "binaries closed");
-    let frames = symbolizer.user_frames(pid, &fixture.stack());
+    let frames = user_frames(&mut symbolizer, pid, &stack);
     assert!(frames.iter().all(|f| f.function.is_none()), "{frames:#?}");
     assert_eq!(symbolizer.stats().unknown_frames, 2);
+}
+
+#[test]
+fn garbage_return_address_ends_the_stack_even_after_exit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = compile_c(dir.path());
+    let mut fixture = Fixture::spawn(Command::new(&binary));
+    let pid = fixture.pid();
+    let mut symbolizer = symbolizer(config());
+    // What a frame-pointer walk through code without frame pointers reads: ASCII text.
+    let [addr, ret] = fixture.stack();
+    let stack = [addr, ret, 0x2f65_6c61_636f_6c2f, ret];
+    for alive in [true, false] {
+        let frames = symbolizer.user_frames(pid, &stack);
+        assert!(frames.cut, "alive: {alive}");
+        assert_c_fixture_named(&frames.frames, &binary);
+        fixture.exit();
+    }
+    assert_eq!(symbolizer.stats().stacks_cut, 2);
 }
 
 #[test]
@@ -223,17 +263,18 @@ fn deleted_binary_symbolizes_alive_and_after_exit() {
     let binary = compile_c(dir.path());
     let mut fixture = Fixture::spawn(Command::new(&binary));
     let pid = fixture.pid();
-    let mut seen_before = Symbolizer::new(config());
-    seen_before.observe_process(pid);
+    let mut seen_before = symbolizer(config());
+    seen_before.processes().capture(pid);
 
     fs::remove_file(&binary).expect("delete fixture binary");
     // First sees the process with its binary already deleted: only map_files reach it.
-    let mut seen_after = Symbolizer::new(config());
-    assert_c_fixture_named(&seen_after.user_frames(pid, &fixture.stack()), &binary);
+    let mut seen_after = symbolizer(config());
+    let stack = fixture.stack();
+    assert_c_fixture_named(&user_frames(&mut seen_after, pid, &stack), &binary);
 
     fixture.exit();
-    assert_c_fixture_named(&seen_before.user_frames(pid, &fixture.stack()), &binary);
-    assert_c_fixture_named(&seen_after.user_frames(pid, &fixture.stack()), &binary);
+    assert_c_fixture_named(&user_frames(&mut seen_before, pid, &stack), &binary);
+    assert_c_fixture_named(&user_frames(&mut seen_after, pid, &stack), &binary);
 }
 
 #[test]
@@ -258,10 +299,11 @@ fn binary_in_another_mount_namespace_symbolizes() {
     assert!(!inner.exists(), "the binary must not be visible here");
 
     let pid = fixture.pid();
-    let mut symbolizer = Symbolizer::new(config());
-    assert_c_fixture_named(&symbolizer.user_frames(pid, &fixture.stack()), &inner);
+    let mut symbolizer = symbolizer(config());
+    let stack = fixture.stack();
+    assert_c_fixture_named(&user_frames(&mut symbolizer, pid, &stack), &inner);
     fixture.exit();
-    assert_c_fixture_named(&symbolizer.user_frames(pid, &fixture.stack()), &inner);
+    assert_c_fixture_named(&user_frames(&mut symbolizer, pid, &stack), &inner);
 }
 
 #[test]
@@ -275,20 +317,23 @@ fn identical_binaries_share_one_open_file_and_cache() {
     let second = Fixture::spawn(Command::new(&binary));
     let copied = Fixture::spawn(Command::new(&copy));
 
-    let mut symbolizer = Symbolizer::new(config());
+    let mut symbolizer = symbolizer(config());
     assert_c_fixture_named(
-        &symbolizer.user_frames(first.pid(), &first.stack()),
+        &user_frames(&mut symbolizer, first.pid(), &first.stack()),
         &binary,
     );
     let after_first = symbolizer.stats();
     assert!(after_first.binaries_opened > 0);
+    let files_after_first = symbolizer.processes().stats().open_files;
 
     assert_c_fixture_named(
-        &symbolizer.user_frames(second.pid(), &second.stack()),
+        &user_frames(&mut symbolizer, second.pid(), &second.stack()),
         &binary,
     );
+    // The same file, mapped by two processes, is held open once.
+    assert_eq!(symbolizer.processes().stats().open_files, files_after_first);
     assert_c_fixture_named(
-        &symbolizer.user_frames(copied.pid(), &copied.stack()),
+        &user_frames(&mut symbolizer, copied.pid(), &copied.stack()),
         &copy,
     );
     let after_all = symbolizer.stats();
@@ -302,8 +347,8 @@ fn cpp_symbols_are_demangled() {
     let dir = tempfile::tempdir().expect("temp dir");
     let binary = compile(dir.path(), "g++", "fixture.cpp", CPP_FIXTURE, &[]);
     let fixture = Fixture::spawn(Command::new(&binary));
-    let mut symbolizer = Symbolizer::new(config());
-    let frames = symbolizer.user_frames(fixture.pid(), &fixture.stack());
+    let mut symbolizer = symbolizer(config());
+    let frames = user_frames(&mut symbolizer, fixture.pid(), &fixture.stack());
     assert_named(&frames, "rover::fixture::work(int, char const*)", &binary);
 }
 
@@ -351,8 +396,8 @@ fn stripped_binary_without_debug_file_leaves_static_functions_unknown() {
         stripped_with_debug_file(dir.path(), "726f7665722d6e6f2d6465627567000000000001", &[]);
     let fixture = Fixture::spawn(Command::new(&stripped));
     for config in [config(), config_without_dwarf()] {
-        let mut symbolizer = Symbolizer::new(config);
-        let frames = symbolizer.user_frames(fixture.pid(), &fixture.stack());
+        let mut symbolizer = symbolizer(config);
+        let frames = user_frames(&mut symbolizer, fixture.pid(), &fixture.stack());
         assert_eq!(frames.len(), 2, "{frames:#?}");
         // `.dynsym` has only imports and `stdout`: nothing precedes the function.
         for frame in &frames {
@@ -400,16 +445,17 @@ fn debug_file_in_the_process_root_names_static_functions() {
     let pid = fixture.pid();
     // `/proc/PID/maps` names it as seen from our root.
     let module = &root.join("fixture");
-    let mut without_dwarf = Symbolizer::new(config_without_dwarf());
-    let frames = without_dwarf.user_frames(pid, &fixture.stack());
+    let stack = fixture.stack();
+    let mut without_dwarf = symbolizer(config_without_dwarf());
+    let frames = user_frames(&mut without_dwarf, pid, &stack);
     assert_named(&frames, "rover_hidden_work", module);
     assert!(
         frames.iter().all(|f| f.file.is_none() && f.line.is_none()),
         "{frames:#?}"
     );
     // With DWARF, that of the debug file gives the source line too.
-    let mut with_dwarf = Symbolizer::new(config());
-    let frames = with_dwarf.user_frames(pid, &fixture.stack());
+    let mut with_dwarf = symbolizer(config());
+    let frames = user_frames(&mut with_dwarf, pid, &stack);
     assert_named(&frames, "rover_hidden_work", module);
     assert!(
         frames[0]
@@ -422,18 +468,21 @@ fn debug_file_in_the_process_root_names_static_functions() {
     // The debug file stays open with the binary after the process exits, and is closed with it.
     fixture.exit();
     assert_named(
-        &without_dwarf.user_frames(pid, &fixture.stack()),
+        &user_frames(&mut without_dwarf, pid, &stack),
         "rover_hidden_work",
         module,
     );
-    without_dwarf.retire_exited(Instant::now() + GRACE);
-    without_dwarf.retire_exited(Instant::now() + 2 * GRACE);
+    let now = Instant::now();
+    without_dwarf.processes().exited(pid, now);
+    assert_eq!(without_dwarf.processes().retire(now + GRACE), 1);
+    without_dwarf.retire();
+    assert_eq!(without_dwarf.processes().stats().open_files, 0);
     assert_eq!(without_dwarf.stats().open_binaries, 0);
 
     // The same binary, run where no debug file can be found, has no name for the function.
     let fixture = Fixture::spawn(Command::new(&stripped));
-    let mut symbolizer = Symbolizer::new(config_without_dwarf());
-    let frames = symbolizer.user_frames(fixture.pid(), &fixture.stack());
+    let mut symbolizer = symbolizer(config_without_dwarf());
+    let frames = user_frames(&mut symbolizer, fixture.pid(), &fixture.stack());
     assert!(frames.iter().all(|f| f.function.is_none()), "{frames:#?}");
 }
 
@@ -458,7 +507,7 @@ fn kernel_frames_come_from_kallsyms() {
     }
     let schedule = kallsyms_function("schedule");
     assert_ne!(schedule, 0, "kallsyms addresses hidden");
-    let mut symbolizer = Symbolizer::new(config());
+    let mut symbolizer = symbolizer(config());
     // A return address just past the start of `schedule` is looked up inside it too.
     let frames = symbolizer.kernel_frames(&[schedule, schedule + 1, 0x1]);
     assert_eq!(frames.len(), 3, "{frames:#?}");

@@ -37,6 +37,63 @@ pub struct Counters {
     pub threads_deleted: u64,
     /// Off-CPU: episodes left out because the switch-in that ended them was never seen.
     pub episode_ends_missed: u64,
+    /// Targets removed by the kernel because their process exited.
+    pub targets_exited: u64,
+    /// Kernel debug log records left out by the rate limit.
+    pub logs_suppressed: u64,
+}
+
+/// Generates the field list once for reading and for differences.
+macro_rules! each_counter {
+    ($apply:ident) => {
+        $apply!(
+            seen,
+            idle,
+            recorded,
+            kernel_stack_lost,
+            user_stack_lost,
+            aggregate_full,
+            kernel_only,
+            stack_truncated,
+            thread_state_lost,
+            not_sampled,
+            too_short,
+            preempt_excluded,
+            episodes_opened,
+            threads_created,
+            threads_deleted,
+            episode_ends_missed,
+            targets_exited,
+            logs_suppressed
+        )
+    };
+}
+
+impl std::ops::Sub for Counters {
+    type Output = Counters;
+
+    /// What happened between two readings (`self` the later one).
+    fn sub(self, earlier: Counters) -> Counters {
+        macro_rules! difference {
+            ($($field:ident),*) => {
+                Counters {
+                    $($field: self.$field.saturating_sub(earlier.$field),)*
+                }
+            };
+        }
+        each_counter!(difference)
+    }
+}
+
+impl std::ops::AddAssign for Counters {
+    fn add_assign(&mut self, other: Counters) {
+        macro_rules! sum {
+            ($($field:ident),*) => {
+                $(self.$field += other.$field;)*
+            };
+        }
+        each_counter!(sum);
+    }
 }
 
 impl Counters {
@@ -66,6 +123,8 @@ impl Counters {
             threads_created: total(counter::THREADS_CREATED)?,
             threads_deleted: total(counter::THREADS_DELETED)?,
             episode_ends_missed: total(counter::EPISODE_ENDS_MISSED)?,
+            targets_exited: total(counter::TARGETS_EXITED)?,
+            logs_suppressed: total(counter::LOGS_SUPPRESSED)?,
         })
     }
 

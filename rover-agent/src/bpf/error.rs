@@ -34,6 +34,12 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("detaching eBPF program `{program}` failed")]
+    Detach {
+        program: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("attaching `{program}` to the cpu-clock perf event of CPU {cpu} failed")]
     AttachPerfEvent {
         program: &'static str,
@@ -57,6 +63,30 @@ pub enum Error {
     #[error("waiting for running eBPF programs (membarrier) failed")]
     Barrier(#[source] io::Error),
     #[error(
+        "the target map of the {profiler} profiler is full ({capacity} processes): pid {pid} is \
+         not recorded; raise the agent's maximum number of targets"
+    )]
+    TargetMapFull {
+        profiler: &'static str,
+        pid: u32,
+        capacity: u32,
+    },
+    #[error(
+        "pid {pid} is already recorded off-CPU with other options ({existing}) by another task: \
+         tasks recording one process off-CPU must use the same --min-block and --exclude-preempt"
+    )]
+    TargetOptionsConflict { pid: u32, existing: String },
+    #[error("pid {pid}: no such running process")]
+    NoSuchProcess { pid: u32 },
+    #[error("the profiling engine has stopped (its thread ended)")]
+    EngineStopped,
+    #[error("no profiling task with id {0}")]
+    UnknownRecording(u64),
+    #[error("starting the profiling engine's thread failed")]
+    Thread(#[source] io::Error),
+    #[error("reading the process events ring buffer failed")]
+    Events(#[source] io::Error),
+    #[error(
         "reading the kernel's BTF (/sys/kernel/btf/vmlinux) failed: the off-CPU profiler needs \
          a kernel built with CONFIG_DEBUG_INFO_BTF=y"
     )]
@@ -68,4 +98,18 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
+}
+
+/// A map deletion's result, with "no such key" (`ENOENT`, which aya passes through as a
+/// system call error) counted as done: the key is gone either way.
+pub(super) fn deleted(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }

@@ -18,6 +18,14 @@ pub(super) fn offcpu() -> Result<&'static [u8], Error> {
     )
 }
 
+/// The process events reporter (`rover-ebpf/src/bin/events.rs`).
+pub(super) fn events() -> Result<&'static [u8], Error> {
+    embedded(
+        "events",
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/events")),
+    )
+}
+
 fn embedded(object: &'static str, bytes: &'static [u8]) -> Result<&'static [u8], Error> {
     if bytes.is_empty() {
         return Err(Error::ObjectNotEmbedded { object });

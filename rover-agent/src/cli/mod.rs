@@ -1,6 +1,7 @@
 //! Command line: clap types → validated requests, human output, exit codes.
 
 mod check;
+mod engine_args;
 mod output;
 mod profile;
 
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use engine_args::EngineArgs;
 pub use profile::ProfileArgs;
 
 #[derive(Debug, Parser)]
@@ -28,8 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// Profile processes (or the whole host) on this machine and write the result to a file.
     Profile(ProfileArgs),
-    /// Tell whether this host can run the agent, item by item.
-    Check,
+    /// Tell whether this host can run the agent, item by item, with the settings given.
+    Check(EngineArgs),
 }
 
 /// Parses the command line, runs it and maps the outcome to an exit code.
@@ -38,7 +40,7 @@ pub fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Profile(args) => profile::run(args),
-        Command::Check => check::run(),
+        Command::Check(args) => check::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -3,11 +3,13 @@
 use std::io::{self, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use clap::ValueEnum;
 
 use crate::profile::{FlameGraphSvg, Folded, Pprof, Profile, ProfileExporter, Weight};
+use crate::task::{ProfileWindow, WindowSink};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -164,6 +166,70 @@ impl Output {
                     .with_context(|| format!("writing the profile to {}", path.display()))?;
                 Ok(format!("wrote {format} to {}", path.display()))
             }
+        }
+    }
+}
+
+/// What the file sink wrote, for the summary line.
+#[derive(Debug)]
+pub(super) struct Written {
+    /// "wrote FORMAT to DESTINATION".
+    pub description: String,
+    /// The profile's estimated totals (samples or switches, then nanoseconds).
+    pub totals: [u64; 2],
+    pub distinct_stacks: usize,
+}
+
+/// The file exporters as a task's sink: the profile of a run (its single window) written to a
+/// destination checked before profiling started.
+pub(super) struct FileSink {
+    output: Option<Output>,
+    weight: Weight,
+    title: String,
+    written: Arc<Mutex<Option<anyhow::Result<Written>>>>,
+}
+
+impl FileSink {
+    pub(super) fn new(
+        output: Output,
+        weight: Weight,
+        title: String,
+        written: Arc<Mutex<Option<anyhow::Result<Written>>>>,
+    ) -> Self {
+        Self {
+            output: Some(output),
+            weight,
+            title,
+            written,
+        }
+    }
+}
+
+impl WindowSink for FileSink {
+    fn window(&mut self, window: ProfileWindow) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            window.last,
+            "a file holds one profile: a task writing to a file has a single window"
+        );
+        let output = self
+            .output
+            .take()
+            .context("the profile was written already")?;
+        let profile = &window.profile;
+        let result = output
+            .write(profile, &self.weight, &self.title)
+            .map(|description| Written {
+                description,
+                totals: [profile.total(0), profile.total(1)],
+                distinct_stacks: profile.samples().len(),
+            });
+        let failed = result.as_ref().err().map(|error| format!("{error:#}"));
+        if let Ok(mut written) = self.written.lock() {
+            *written = Some(result);
+        }
+        match failed {
+            Some(error) => anyhow::bail!(error),
+            None => Ok(()),
         }
     }
 }

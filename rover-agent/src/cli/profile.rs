@@ -2,20 +2,18 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, CommandFactory as _, ValueEnum};
 
-use super::output::{Format, Output};
-use crate::bpf::Targets;
+use super::engine_args::{EngineArgs, parse_duration};
+use super::output::{FileSink, Format, Output, Written};
+use crate::bpf::{ProfilerKind, TargetOptions, Targets};
 use crate::process;
 use crate::profile::Weight;
-use crate::symbolize::SymbolizerConfig;
-use crate::task::{
-    EndReason, OffCpuRequest, OnCpuRequest, ProfileRun, RunDetails, RunSettings, profile_off_cpu,
-    profile_on_cpu,
-};
+use crate::task::{Agent, AgentConfig, TaskNotice, TaskSpec, TaskSummary};
 
 #[derive(Debug, Args)]
 pub struct ProfileArgs {
@@ -36,20 +34,14 @@ pub struct ProfileArgs {
     /// How long to profile: 10s, 1m30s, 500ms (a bare number is seconds).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// On-CPU: samples per second on each CPU [default: 99].
-    #[arg(long, value_name = "HZ", value_parser = clap::value_parser!(u64).range(1..))]
-    pub frequency: Option<u64>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Off-CPU: leave out involuntary switches (preemption of a runnable thread).
     #[arg(long)]
     pub exclude_preempt: bool,
     /// Off-CPU: leave out episodes shorter than this, e.g. 1ms [default: 0].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub min_block: Option<Duration>,
-    /// Off-CPU: record each switch-out with probability P (0 < P <= 1), decided in the kernel
-    /// before any stack walk, and scale counts and times by 1/P. For threads switching hundreds
-    /// of thousands of times per second [default: 1, exact].
-    #[arg(long, value_name = "P", value_parser = parse_probability)]
-    pub sample_probability: Option<f64>,
     /// Off-CPU: what folded stacks and flame graphs are weighted by [default: time, in µs].
     #[arg(long, value_enum)]
     pub weight: Option<OffCpuWeight>,
@@ -60,13 +52,6 @@ pub struct ProfileArgs {
     /// profile.pb.gz in the current directory otherwise].
     #[arg(long, short)]
     pub output: Option<PathBuf>,
-    /// How often kernel aggregates are drained and symbolized.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub drain_interval: Duration,
-    /// Also read DWARF debug info: inlined functions as frames of their own, source files and
-    /// lines (pprof). Costs memory in proportion to the debug info of the profiled binaries.
-    #[arg(long)]
-    pub debug_info: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -85,10 +70,24 @@ pub enum OffCpuWeight {
     Switches,
 }
 
-/// A validated request for either profiler.
-enum Request {
-    OnCpu(OnCpuRequest),
-    OffCpu(OffCpuRequest),
+/// Why a profile ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum EndReason {
+    /// The requested duration elapsed.
+    Completed,
+    /// A signal (named) asked the agent to stop early.
+    Stopped(&'static str),
+    /// Every target process exited.
+    TargetsExited,
+    /// Recording failed; the profile holds what was captured before.
+    Failed(String),
+}
+
+/// A validated request.
+struct Request {
+    config: AgentConfig,
+    spec: TaskSpec,
+    duration: Duration,
 }
 
 impl Request {
@@ -99,17 +98,15 @@ impl Request {
             divisor,
             unit_label: unit_label.to_owned(),
         };
-        let (run, weight, kind) = match self {
-            Request::OnCpu(request) => (&request.run, weight(0, 1, "samples"), "On-CPU"),
+        let (weight, kind) = match self.spec.kind {
+            ProfilerKind::OnCpu => (weight(0, 1, "samples"), "On-CPU"),
             // Nanoseconds shown as microseconds, the unit off-CPU flame graphs use.
-            Request::OffCpu(request) => match off_cpu_weight {
-                OffCpuWeight::Time => (&request.run, weight(1, 1000, "us"), "Off-CPU time"),
-                OffCpuWeight::Switches => {
-                    (&request.run, weight(0, 1, "switches"), "Off-CPU switches")
-                }
+            ProfilerKind::OffCpu => match off_cpu_weight {
+                OffCpuWeight::Time => (weight(1, 1000, "us"), "Off-CPU time"),
+                OffCpuWeight::Switches => (weight(0, 1, "switches"), "Off-CPU switches"),
             },
         };
-        let targets = match &run.targets {
+        let targets = match &self.spec.targets {
             Targets::All => "all processes".to_owned(),
             Targets::Pids(pids) => format!("pid {}", join(pids)),
         };
@@ -117,29 +114,87 @@ impl Request {
     }
 }
 
+/// What the summary line says.
+struct Report {
+    kind: ProfilerKind,
+    frequency_hz: u64,
+    sample_probability: f64,
+    elapsed: Duration,
+    end: EndReason,
+    summary: TaskSummary,
+    written: Written,
+}
+
 pub(super) fn run(args: ProfileArgs) -> anyhow::Result<ExitCode> {
     reject_flags_of_the_other_type(&args);
     let request = validate(&args)?;
     let output = Output::prepare(args.format, args.output.as_deref())?;
+    let (weight, title) = request.weight_and_title(args.weight.unwrap_or(OffCpuWeight::Time));
+    let written = Arc::new(Mutex::new(None));
+    let sink = FileSink::new(output, weight, title, written.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let run = runtime.block_on(async {
-        match &request {
-            Request::OnCpu(request) => profile_on_cpu(request, stop_signal()).await,
-            Request::OffCpu(request) => profile_off_cpu(request, stop_signal()).await,
-        }
-    })?;
-
-    report_end(&run);
-    let (weight, title) = request.weight_and_title(args.weight.unwrap_or(OffCpuWeight::Time));
-    let written = output.write(&run.profile, &weight, &title)?;
-    eprintln!("rover-agent: {}; {written}", summary(&run));
-    Ok(match run.end {
+    let agent = Agent::start(request.config.clone())?;
+    let (end, summary, elapsed) = runtime.block_on(record(&agent, &request, Box::new(sink)))?;
+    // Ends the agent's threads; the profile is written already.
+    drop(agent);
+    let written = written
+        .lock()
+        .ok()
+        .and_then(|mut written| written.take())
+        .context("the profile was not handed to its writer")??;
+    let report = Report {
+        kind: request.spec.kind,
+        frequency_hz: request.config.profilers.frequency_hz,
+        sample_probability: request.config.profilers.off_cpu_sample_probability,
+        elapsed,
+        end,
+        summary,
+        written,
+    };
+    report_end(&report);
+    eprintln!(
+        "rover-agent: {}; {}",
+        summary_line(&report),
+        report.written.description
+    );
+    Ok(match report.end {
         EndReason::Failed(_) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     })
+}
+
+/// Records until the duration elapses, a signal arrives, every target exited or draining
+/// fails; the profile's single window is written by the sink when the task stops.
+async fn record(
+    agent: &Agent,
+    request: &Request,
+    sink: Box<FileSink>,
+) -> anyhow::Result<(EndReason, TaskSummary, Duration)> {
+    let started = Instant::now();
+    let mut task = agent.start_task(request.spec.clone(), sink).await?;
+    tracing::info!(kind = request.spec.kind.name(), "profiling started");
+    let deadline = tokio::time::sleep(request.duration);
+    let stop = stop_signal();
+    tokio::pin!(deadline, stop);
+    let end = loop {
+        tokio::select! {
+            () = &mut deadline => break EndReason::Completed,
+            signal = &mut stop => break EndReason::Stopped(signal),
+            notice = task.notice() => match notice {
+                Some(TaskNotice::AllProcessesExited) => break EndReason::TargetsExited,
+                Some(TaskNotice::DrainFailed(error)) => break EndReason::Failed(error),
+                Some(TaskNotice::ProcessExited { .. }) => {}
+                None => break EndReason::Failed("the task ended unexpectedly".to_owned()),
+            },
+        }
+    };
+    let elapsed = started.elapsed();
+    let summary = task.stop().await?;
+    tracing::info!(end = ?end, elapsed = ?elapsed, "profiling ended");
+    Ok((end, summary, elapsed))
 }
 
 /// Flags of one profile type given with the other are usage errors (exit status 2).
@@ -149,7 +204,10 @@ fn reject_flags_of_the_other_type(args: &ProfileArgs) {
             [
                 (args.exclude_preempt, "--exclude-preempt"),
                 (args.min_block.is_some(), "--min-block"),
-                (args.sample_probability.is_some(), "--sample-probability"),
+                (
+                    args.engine.sample_probability.is_some(),
+                    "--sample-probability",
+                ),
                 (args.weight.is_some(), "--weight"),
             ]
             .into_iter()
@@ -158,7 +216,11 @@ fn reject_flags_of_the_other_type(args: &ProfileArgs) {
             "off-cpu",
         ),
         ProfileType::OffCpu => (
-            args.frequency.map(|_| "--frequency").into_iter().collect(),
+            args.engine
+                .frequency
+                .map(|_| "--frequency")
+                .into_iter()
+                .collect(),
             "on-cpu",
         ),
     };
@@ -194,72 +256,36 @@ fn validate(args: &ProfileArgs) -> anyhow::Result<Request> {
     if args.duration > YEAR {
         bail!("--duration must be at most a year (366d); use a shorter profile");
     }
-    if args.drain_interval < Duration::from_millis(10)
-        || args.drain_interval > Duration::from_secs(60)
-    {
-        bail!("--drain-interval must be between 10ms and 60s");
-    }
-    let run = RunSettings {
-        targets,
-        duration: args.duration,
-        drain_interval: args.drain_interval,
-        symbolizer: SymbolizerConfig {
-            debug_info: args.debug_info,
-            // An exited process's last samples are drained within one interval.
-            exited_process_grace: (args.drain_interval * 5).max(Duration::from_secs(10)),
-        },
-    };
-    if args.profile_type == ProfileType::OffCpu {
-        return Ok(Request::OffCpu(OffCpuRequest {
-            run,
-            exclude_preempt: args.exclude_preempt,
-            min_block: args.min_block.unwrap_or_default(),
-            sample_probability: args.sample_probability.unwrap_or(1.0),
-        }));
-    }
-    let frequency = args.frequency.unwrap_or(99);
-    if let Some(max_rate) = max_sample_rate()
-        && frequency > max_rate
+    let config = args.engine.agent_config()?;
+    if let Targets::Pids(pids) = &targets
+        && pids.len() > config.profilers.max_targets as usize
     {
         bail!(
-            "--frequency {frequency} exceeds the kernel's limit of {max_rate} Hz \
-             (sysctl kernel.perf_event_max_sample_rate): choose a lower frequency or raise the limit"
+            "{} --pid given, more than --max-targets {}: raise --max-targets",
+            pids.len(),
+            config.profilers.max_targets
         );
     }
-    if frequency > 1_000_000_000 {
-        bail!("--frequency {frequency} is above 1 GHz");
-    }
-    Ok(Request::OnCpu(OnCpuRequest {
-        run,
-        frequency_hz: frequency,
-    }))
-}
-
-fn parse_probability(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
-        _ => Err(format!(
-            "`{text}` is not a probability in (0, 1]: e.g. 0.1 keeps one switch in ten"
-        )),
-    }
-}
-
-fn max_sample_rate() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(seconds) = text.parse::<f64>() {
-        return Duration::try_from_secs_f64(seconds)
-            .map_err(|_| format!("`{text}` is not a duration: use e.g. 10s, 1m30s, 500ms"));
-    }
-    humantime::parse_duration(text).map_err(|error| {
-        format!("`{text}` is not a duration ({error}): use e.g. 10s, 1m30s, 500ms")
+    let (kind, options) = match args.profile_type {
+        ProfileType::OnCpu => (ProfilerKind::OnCpu, TargetOptions::default()),
+        ProfileType::OffCpu => (
+            ProfilerKind::OffCpu,
+            TargetOptions {
+                exclude_preempt: args.exclude_preempt,
+                min_block: args.min_block.unwrap_or_default(),
+            },
+        ),
+    };
+    Ok(Request {
+        config,
+        spec: TaskSpec {
+            kind,
+            targets,
+            options,
+            // One window: the profile of the whole run.
+            window: None,
+        },
+        duration: args.duration,
     })
 }
 
@@ -279,9 +305,9 @@ async fn stop_signal() -> &'static str {
     }
 }
 
-fn report_end(run: &ProfileRun) {
-    let after = format!("{:.1} s", run.elapsed.as_secs_f64());
-    match &run.end {
+fn report_end(report: &Report) {
+    let after = format!("{:.1} s", report.elapsed.as_secs_f64());
+    match &report.end {
         EndReason::Completed => {}
         EndReason::Stopped(signal) => eprintln!("rover-agent: stopped by {signal} after {after}"),
         EndReason::TargetsExited => {
@@ -291,12 +317,15 @@ fn report_end(run: &ProfileRun) {
             eprintln!("rover-agent: error: {error}; writing the {after} captured before it")
         }
     }
-    if run.profile.samples().is_empty() {
-        let why = match run.details {
-            RunDetails::OnCpu { .. } => {
+    for error in &report.summary.sink_errors {
+        eprintln!("rover-agent: error: {error}");
+    }
+    if report.written.distinct_stacks == 0 {
+        let why = match report.kind {
+            ProfilerKind::OnCpu => {
                 "an on-CPU profile only sees threads that run on a CPU; the targets may have been idle"
             }
-            RunDetails::OffCpu { .. } => {
+            ProfilerKind::OffCpu => {
                 "an off-CPU profile only sees threads that were switched out and back in"
             }
         };
@@ -304,8 +333,9 @@ fn report_end(run: &ProfileRun) {
     }
 }
 
-fn summary(run: &ProfileRun) -> String {
-    let counters = &run.counters;
+fn summary_line(report: &Report) -> String {
+    let counters = &report.summary.counters;
+    let written = &report.written;
     let mut losses = format!(
         "losses: {} (kernel stacks {}, user stacks {}, aggregate map full {}",
         counters.losses(),
@@ -313,19 +343,21 @@ fn summary(run: &ProfileRun) -> String {
         counters.user_stack_lost,
         counters.aggregate_full
     );
-    let seconds = run.elapsed.as_secs_f64();
-    let head = match &run.details {
-        RunDetails::OnCpu { frequency_hz } => format!(
-            "{} samples, {} distinct stacks, {seconds:.2} s at {frequency_hz} Hz ({} idle, {} kernel-only)",
-            run.profile.total(0),
-            run.profile.samples().len(),
+    let seconds = report.elapsed.as_secs_f64();
+    let head = match report.kind {
+        ProfilerKind::OnCpu => format!(
+            "{} samples, {} distinct stacks, {seconds:.2} s at {} Hz ({} idle, {} kernel-only)",
+            written.totals[0],
+            written.distinct_stacks,
+            report.frequency_hz,
             counters.idle,
             counters.kernel_only,
         ),
-        RunDetails::OffCpu { sample_probability } => {
+        ProfilerKind::OffCpu => {
             losses += &format!(", thread state unavailable {}", counters.thread_state_lost);
-            let sampled = if *sample_probability < 1.0 {
-                format!(" (sampled with p = {sample_probability}, totals scaled by 1/p)")
+            let p = report.sample_probability;
+            let sampled = if p < 1.0 {
+                format!(" (sampled with p = {p}, totals scaled by 1/p)")
             } else {
                 String::new()
             };
@@ -333,9 +365,9 @@ fn summary(run: &ProfileRun) -> String {
                 "{} switches, {:.3} s off-CPU, {} distinct stacks in {seconds:.2} s{sampled}; \
                  not counted: {} episodes still open at the end, {} whose end was not seen, \
                  {} shorter than --min-block, {} preemptions excluded",
-                run.profile.total(0),
-                run.profile.total(1) as f64 / 1e9,
-                run.profile.samples().len(),
+                written.totals[0],
+                written.totals[1] as f64 / 1e9,
+                written.distinct_stacks,
                 counters.open_episodes(),
                 counters.episode_ends_missed,
                 counters.too_short,
@@ -344,12 +376,18 @@ fn summary(run: &ProfileRun) -> String {
         }
     };
     losses += ")";
-    if counters.stack_truncated > 0 {
-        losses += &format!(", {} stacks truncated", counters.stack_truncated);
+    let cut = report.summary.stacks_cut;
+    if counters.stack_truncated + cut > 0 {
+        losses += &format!(
+            ", {} stacks truncated ({} deeper than recorded, {cut} ending outside any mapping)",
+            counters.stack_truncated + cut,
+            counters.stack_truncated
+        );
     }
+    let symbolize = &report.summary.symbolize;
     format!(
         "{head}; {losses}; symbolization misses: {} of {} frames",
-        run.symbolize.unknown_frames, run.symbolize.frames,
+        symbolize.unknown_frames, symbolize.frames,
     )
 }
 
@@ -358,35 +396,4 @@ fn join(pids: &[u32]) -> String {
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_accept_units_and_bare_seconds() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
-    }
-
-    #[test]
-    fn probabilities_must_be_in_the_unit_interval() {
-        assert_eq!(parse_probability("0.1"), Ok(0.1));
-        assert_eq!(parse_probability("1"), Ok(1.0));
-        for bad in ["0", "1.5", "-0.2", "abc", "NaN"] {
-            let error = parse_probability(bad).expect_err(bad);
-            assert!(error.contains("(0, 1]"), "{bad}: {error}");
-        }
-    }
-
-    #[test]
-    fn bad_durations_say_what_is_expected() {
-        for bad in ["ten", "-1", "5 parsecs", ""] {
-            let error = parse_duration(bad).expect_err(bad);
-            assert!(error.contains("e.g. 10s"), "{bad}: {error}");
-        }
-    }
 }

@@ -57,7 +57,10 @@ pub(super) fn folded_stacks(profile: &Profile, weight: &Weight) -> io::Result<Ve
     }
     Ok(stacks
         .into_iter()
-        .map(|(stack, value)| (stack, divide_rounded(value, weight.divisor)))
+        .map(|(stack, value)| {
+            let count = profile.estimate(weight.value_index, value, weight.divisor);
+            (stack, count)
+        })
         .filter(|&(_, count)| count > 0 || weight.divisor == 1)
         .collect())
 }
@@ -70,12 +73,6 @@ fn push_sanitized(stack: &mut String, name: &str) {
         c if c.is_control() => ' ',
         c => c,
     }));
-}
-
-/// `value / divisor` rounded to nearest (halves up), without overflowing.
-fn divide_rounded(value: u64, divisor: u64) -> u64 {
-    let remainder = value % divisor;
-    value / divisor + u64::from(remainder >= divisor - remainder)
 }
 
 #[cfg(test)]
@@ -151,10 +148,20 @@ mod tests {
     }
 
     #[test]
-    fn divide_rounded_rounds_halves_up() {
-        assert_eq!(divide_rounded(14, 10), 1);
-        assert_eq!(divide_rounded(15, 10), 2);
-        assert_eq!(divide_rounded(7, 1), 7);
-        assert_eq!(divide_rounded(u64::MAX, 2), u64::MAX / 2 + 1);
+    fn scaled_values_are_summed_before_they_are_rounded() {
+        // Sampled with p = 0.3: each kept switch-out stands for 3.33.
+        let mut profile =
+            Profile::new(vec![ValueType::new("switches", "count")], SystemTime::now());
+        profile.set_scale(0, 1.0 / 0.3);
+        let app = process(1, "app");
+        // One stack in three drains, and another with the same folded line (another pid).
+        for _ in 0..3 {
+            profile.add(&app, &[user("wait")], &[1]);
+        }
+        profile.add(&process(2, "app"), &[user("wait")], &[1]);
+        profile.add(&app, &[user("other")], &[1]);
+        assert_eq!(folded(&profile, 0, 1), "app;other 3\napp;wait 13\n");
+        assert_eq!(profile.total(0), 17);
+        assert_eq!(profile.recorded_total(0), 5);
     }
 }

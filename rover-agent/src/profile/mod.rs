@@ -87,9 +87,14 @@ pub struct Sample {
 }
 
 /// Symbolized stacks and their values over one time range.
+///
+/// Values are kept as recorded. A value type may carry a scale (sampled off-CPU profiles record
+/// one switch-out in 1/p and scale by 1/p): exporters and [`Profile::total`] apply it once, to
+/// the sums they write, so that small per-stack values are not rounded before they add up.
 #[derive(Clone, Debug)]
 pub struct Profile {
     value_types: Vec<ValueType>,
+    scales: Vec<f64>,
     /// The sampling period (e.g. `cpu`/`nanoseconds` and 1e9/frequency), if the profile samples.
     pub period: Option<(ValueType, u64)>,
     pub start: SystemTime,
@@ -106,6 +111,7 @@ pub struct Profile {
 impl Profile {
     pub fn new(value_types: Vec<ValueType>, start: SystemTime) -> Self {
         Self {
+            scales: vec![1.0; value_types.len()],
             value_types,
             period: None,
             start,
@@ -120,6 +126,26 @@ impl Profile {
 
     pub fn value_types(&self) -> &[ValueType] {
         &self.value_types
+    }
+
+    /// Every value of type `index` estimates `scale` times what was recorded.
+    ///
+    /// # Panics
+    /// If `index` is not a value type: a programming error, not input.
+    pub fn set_scale(&mut self, index: usize, scale: f64) {
+        self.scales[index] = scale;
+    }
+
+    /// The estimate a recorded sum of value type `index` stands for, divided by `divisor` and
+    /// rounded to nearest: the one rounding exporters do.
+    pub fn estimate(&self, index: usize, recorded: u64, divisor: u64) -> u64 {
+        let scale = self.scales[index];
+        if scale == 1.0 {
+            // Exact in integers (f64 would round sums above 2^53).
+            let remainder = recorded % divisor;
+            return recorded / divisor + u64::from(remainder >= divisor - remainder);
+        }
+        (recorded as f64 * scale / divisor as f64).round() as u64
     }
 
     /// Adds `values` to the stack `frames` (root first) of `process`, merging with an equal stack.
@@ -170,9 +196,14 @@ impl Profile {
         &self.samples
     }
 
-    /// The sum of value `index` over all samples.
-    pub fn total(&self, index: usize) -> u64 {
+    /// The sum of value `index` over all samples, as recorded.
+    pub fn recorded_total(&self, index: usize) -> u64 {
         self.samples.iter().map(|sample| sample.values[index]).sum()
+    }
+
+    /// The estimated total of value `index` (the recorded sum, scaled).
+    pub fn total(&self, index: usize) -> u64 {
+        self.estimate(index, self.recorded_total(index), 1)
     }
 }
 
@@ -269,5 +300,29 @@ mod test_support {
         profile.add(&process(2, "app"), &syscall, &[2, 2_000]);
         profile.add(&process(3, "db"), &[user("query")], &[5, 5_500]);
         profile
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unscaled_estimates_divide_exactly_rounding_halves_up() {
+        let profile = Profile::new(vec![ValueType::new("samples", "count")], SystemTime::now());
+        assert_eq!(profile.estimate(0, 14, 10), 1);
+        assert_eq!(profile.estimate(0, 15, 10), 2);
+        assert_eq!(profile.estimate(0, 7, 1), 7);
+        assert_eq!(profile.estimate(0, u64::MAX, 2), u64::MAX / 2 + 1);
+    }
+
+    #[test]
+    fn scaled_estimates_round_once() {
+        let mut profile =
+            Profile::new(vec![ValueType::new("switches", "count")], SystemTime::now());
+        profile.set_scale(0, 1.0 / 0.3);
+        assert_eq!(profile.estimate(0, 1, 1), 3);
+        assert_eq!(profile.estimate(0, 3, 1), 10);
+        assert_eq!(profile.estimate(0, 3000, 1000), 10);
     }
 }

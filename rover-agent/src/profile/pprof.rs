@@ -95,7 +95,12 @@ impl Builder {
             ];
             self.out.sample.push(proto::Sample {
                 location_id,
-                value: sample.values.iter().copied().map(int).collect(),
+                value: sample
+                    .values
+                    .iter()
+                    .enumerate()
+                    .map(|(index, &value)| int(profile.estimate(index, value, 1)))
+                    .collect(),
                 label,
             });
         }

@@ -41,8 +41,6 @@ pub(super) struct DebugFile {
     pub path: PathBuf,
     /// The binary's loadable segments, to turn its file offsets into virtual addresses.
     segments: Vec<Segment>,
-    /// Set after blazesym failed on the whole file: not parsed again.
-    pub broken: bool,
 }
 
 impl DebugFile {
@@ -63,7 +61,6 @@ impl DebugFile {
             _file: file,
             path,
             segments,
-            broken: false,
         }))
     }
 
@@ -381,12 +378,17 @@ mod tests {
             .find(|map| (map.offset..map.offset + map.address.1 - map.address.0).contains(&offset))
             .map(|map| map.address.0 + offset - map.offset)
             .expect("start_thread is mapped");
-        let mut symbolizer = super::super::Symbolizer::new(super::super::SymbolizerConfig {
-            debug_info: false,
-            exited_process_grace: std::time::Duration::ZERO,
-        });
+        let mut symbolizer = super::super::Symbolizer::new(
+            super::super::SymbolizerConfig {
+                debug_info: false,
+                symbol_cache_bytes: super::super::DEFAULT_SYMBOL_CACHE_BYTES,
+            },
+            super::super::ProcessTable::new(std::time::Duration::ZERO),
+        );
         // The sampled instruction, then a return address just past the function's start.
-        let frames = symbolizer.user_frames(std::process::id(), &[addr, addr + 1]);
+        let frames = symbolizer
+            .user_frames(std::process::id(), &[addr, addr + 1])
+            .frames;
         assert_eq!(frames.len(), 2, "{frames:#?}");
         for frame in &frames {
             assert_eq!(

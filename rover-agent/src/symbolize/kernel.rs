@@ -8,7 +8,6 @@
 //! kallsyms lists runtime (KASLR-randomized) addresses and no symbol sizes: an address resolves
 //! to the closest code symbol at or below it.
 
-use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader};
 use std::rc::Rc;
 
@@ -16,6 +15,7 @@ use tracing::warn;
 
 use super::SymbolizeStats;
 use super::resolved::{Symbol, Symbols};
+use super::symbol_cache::{Resolved, SymbolCache, SymbolKey};
 
 /// The `Frame::module` of frames in the core kernel; module frames carry `[module]`.
 pub(super) const KERNEL_MODULE: &str = "[kernel.kallsyms]";
@@ -27,7 +27,8 @@ pub(super) struct Kallsyms {
     /// Sorted by address.
     symbols: Vec<KernelSymbol>,
     names: String,
-    modules: Vec<String>,
+    /// Shared by the cache entries of their symbols.
+    modules: Vec<Rc<str>>,
 }
 
 /// 16 bytes per symbol; the name lives in `Kallsyms::names`.
@@ -44,7 +45,7 @@ impl Kallsyms {
     /// Parses kallsyms text (`ADDRESS TYPE NAME [MODULE]` lines).
     pub fn parse(mut reader: impl BufRead) -> io::Result<Self> {
         let mut table = Self {
-            modules: vec![KERNEL_MODULE.to_owned()],
+            modules: vec![KERNEL_MODULE.into()],
             ..Self::default()
         };
         let mut line = String::new();
@@ -90,10 +91,10 @@ impl Kallsyms {
 
     fn module_index(&mut self, module: &str) -> u16 {
         let module = format!("[{module}]");
-        match self.modules.iter().position(|known| *known == module) {
+        match self.modules.iter().position(|known| **known == module) {
             Some(index) => index as u16,
             None => {
-                self.modules.push(module);
+                self.modules.push(module.into());
                 (self.modules.len() - 1) as u16
             }
         }
@@ -105,7 +106,7 @@ impl Kallsyms {
     }
 
     /// The function containing `address` and its module.
-    pub fn lookup(&self, address: u64) -> Option<(&str, &str)> {
+    pub fn lookup(&self, address: u64) -> Option<(&str, &Rc<str>)> {
         let index = self
             .symbols
             .partition_point(|symbol| symbol.address <= address)
@@ -117,38 +118,56 @@ impl Kallsyms {
     }
 }
 
-/// Kernel symbols, loaded on first use, with a cache of resolved addresses.
-#[derive(Default)]
+/// Kernel symbols, loaded on first use; resolved addresses go to the symbol cache.
 pub(super) struct KernelSymbols {
     table: Option<Kallsyms>,
     /// Set when kallsyms could not be read: frames stay unknown, warned once.
     failed: bool,
-    /// Address → its function (none if unknown) and module.
-    cache: HashMap<u64, (Symbols, Rc<str>)>,
+    /// [`KERNEL_MODULE`], shared by unknown frames.
+    core: Rc<str>,
+}
+
+impl Default for KernelSymbols {
+    fn default() -> Self {
+        Self {
+            table: None,
+            failed: false,
+            core: KERNEL_MODULE.into(),
+        }
+    }
 }
 
 impl KernelSymbols {
-    /// The function at `address` and the module to report it under.
-    pub fn symbols(&mut self, address: u64, stats: &mut SymbolizeStats) -> (Symbols, Rc<str>) {
-        if let Some(known) = self.cache.get(&address) {
-            return known.clone();
+    /// The function at `address` (none if unknown) and the module to report it under.
+    pub fn symbols(
+        &mut self,
+        address: u64,
+        cache: &mut SymbolCache,
+        stats: &mut SymbolizeStats,
+    ) -> (Symbols, Rc<str>) {
+        let key = SymbolKey::Kernel(address);
+        let module_of = |resolved: &Resolved, core: &Rc<str>| {
+            resolved.module.clone().unwrap_or_else(|| Rc::clone(core))
+        };
+        if let Some(known) = cache.get(&key) {
+            return (known.symbols.clone(), module_of(known, &self.core));
         }
         stats.symbol_lookups += 1;
-        let resolved: (Symbols, Rc<str>) =
-            match self.table().and_then(|table| table.lookup(address)) {
-                Some((name, module)) => (
-                    Rc::new([Symbol {
-                        function: name.to_owned(),
-                        file: None,
-                        line: None,
-                        inlined: false,
-                    }]),
-                    module.into(),
-                ),
-                None => (Symbols::default(), KERNEL_MODULE.into()),
-            };
-        self.cache.insert(address, resolved.clone());
-        resolved
+        let resolved = match self.table().and_then(|table| table.lookup(address)) {
+            Some((name, module)) => Resolved {
+                symbols: Rc::new([Symbol {
+                    function: name.to_owned(),
+                    file: None,
+                    line: None,
+                    inlined: false,
+                }]),
+                module: Some(Rc::clone(module)),
+            },
+            None => Resolved::default(),
+        };
+        let found = (resolved.symbols.clone(), module_of(&resolved, &self.core));
+        cache.insert(key, resolved);
+        found
     }
 
     fn table(&mut self) -> Option<&Kallsyms> {
@@ -178,34 +197,40 @@ ffffffffc0001000 t ext4_read [ext4]
 ffffffffc0000000 T ext4_init\t[ext4]
 ";
 
+    fn lookup(table: &Kallsyms, address: u64) -> Option<(&str, &str)> {
+        table
+            .lookup(address)
+            .map(|(name, module)| (name, &**module))
+    }
+
     #[test]
     fn code_addresses_resolve_to_the_closest_symbol_below() {
         let table = Kallsyms::parse(SAMPLE.as_bytes()).expect("parses");
         assert_eq!(
-            table.lookup(0xffffffff81001010),
+            lookup(&table, 0xffffffff81001010),
             Some(("helper", KERNEL_MODULE))
         );
         // Data symbols are not functions: the code symbol below wins.
         assert_eq!(
-            table.lookup(0xffffffff81002010),
+            lookup(&table, 0xffffffff81002010),
             Some(("helper", KERNEL_MODULE))
         );
         assert_eq!(
-            table.lookup(0xffffffff81003000),
+            lookup(&table, 0xffffffff81003000),
             Some(("schedule", KERNEL_MODULE))
         );
-        assert_eq!(table.lookup(0xffffffff80000000), None);
+        assert_eq!(lookup(&table, 0xffffffff80000000), None);
     }
 
     #[test]
     fn module_symbols_keep_their_module_even_out_of_order() {
         let table = Kallsyms::parse(SAMPLE.as_bytes()).expect("parses");
         assert_eq!(
-            table.lookup(0xffffffffc0000010),
+            lookup(&table, 0xffffffffc0000010),
             Some(("ext4_init", "[ext4]"))
         );
         assert_eq!(
-            table.lookup(0xffffffffc0001010),
+            lookup(&table, 0xffffffffc0001010),
             Some(("ext4_read", "[ext4]"))
         );
     }
@@ -231,7 +256,7 @@ ffffffffc0000000 T ext4_init\t[ext4]
         };
         let table = Kallsyms::load().expect("kallsyms loads");
         assert_eq!(
-            table.lookup(address).map(|(name, _)| name),
+            lookup(&table, address).map(|(name, _)| name),
             Some("schedule")
         );
     }

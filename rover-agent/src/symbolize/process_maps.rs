@@ -1,40 +1,37 @@
 //! Snapshots of processes' executable mappings, taken while they live so that their stacks
-//! still symbolize after they exit.
+//! still symbolize after they exit. Reading `/proc` only: the files a snapshot maps are opened
+//! and held by the [`ProcessTable`](super::ProcessTable).
 
-use std::ffi::OsString;
-use std::fs::File;
-use std::io;
 use std::ops::Range;
-use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use procfs::ProcError;
 use procfs::process::{MMPermissions, MMapPath, MemoryMap, Process};
 
-use super::SymbolizeStats;
-use super::binaries::{BinaryCache, BinaryId, FileId};
+use super::mapped_files::FileId;
 
 const DELETED_SUFFIX: &str = " (deleted)";
 
 /// What an executable mapping maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Target {
-    /// A binary held open in the [`BinaryCache`].
-    Binary(BinaryId),
-    /// A file that could not be opened or read.
-    Unusable(FileId),
+    /// A file, held open by the process table unless it could not be opened or used.
+    File(FileId),
     Vdso,
     /// Anonymous (JIT) memory or another pseudo-mapping: nothing to read symbols from.
     Anonymous,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Mapping {
     pub range: Range<u64>,
     /// File offset of `range.start`.
     pub offset: u64,
     /// The path the process sees (without ` (deleted)`), or `[anon]`, `[vdso]`, `[heap]`...
-    pub module: String,
+    /// Shared: snapshots of forked processes and located stack entries copy it.
+    pub module: Arc<str>,
     pub target: Target,
 }
 
@@ -46,43 +43,40 @@ impl Mapping {
     }
 }
 
-#[derive(Debug, Default)]
+/// A mapping as read from `/proc/PID/maps`, with what opening its file needs.
+#[derive(Debug)]
+pub(super) struct ReadMapping {
+    pub mapping: Mapping,
+    /// For file mappings: the path as the process sees it, and whether it was deleted.
+    pub path: Option<(PathBuf, bool)>,
+}
+
+/// How the process a snapshot was taken of is told from a later one with its PID.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum StartTime {
+    /// Never seen alive: nothing is known.
+    #[default]
+    Never,
+    /// Cloned from its parent at fork without reading `/proc`: read at the next check.
+    Unread,
+    /// `starttime` from `/proc/PID/stat`.
+    At(u64),
+}
+
+#[derive(Clone, Debug, Default)]
 pub(super) struct ProcessSnapshot {
-    /// `starttime` from `/proc/PID/stat`: tells the process from a later one with its PID.
-    /// `None` when the process was never seen alive.
-    start_time: Option<u64>,
+    pub start_time: StartTime,
+    /// `comm`, read with the mappings.
+    pub name: Option<String>,
     /// Sorted by address, not overlapping.
-    mappings: Vec<Mapping>,
-    /// When [`Self::is_running`] was first seen false.
+    pub mappings: Vec<Mapping>,
+    /// When the process was reported, or found, exited.
     pub exited_at: Option<Instant>,
+    /// Tells this snapshot from a later one of the same PID (set by the process table).
+    pub serial: u64,
 }
 
 impl ProcessSnapshot {
-    /// Reads the executable mappings of `pid` and opens (or finds) the binaries they map.
-    pub fn take(
-        pid: u32,
-        binaries: &mut BinaryCache,
-        stats: &mut SymbolizeStats,
-    ) -> Result<Self, ProcError> {
-        let process = Process::new(proc_pid(pid)?)?;
-        let stat = process.stat()?;
-        if is_dead(stat.state) {
-            return Err(ProcError::NotFound(None));
-        }
-        let mut mappings: Vec<Mapping> = process
-            .maps()?
-            .into_iter()
-            .filter(|map| map.perms.contains(MMPermissions::EXECUTE))
-            .map(|map| snapshot_mapping(pid, &map, binaries, stats))
-            .collect();
-        mappings.sort_unstable_by_key(|mapping| mapping.range.start);
-        Ok(Self {
-            start_time: Some(stat.starttime),
-            mappings,
-            exited_at: None,
-        })
-    }
-
     /// The mapping containing `addr`.
     pub fn find(&self, addr: u64) -> Option<&Mapping> {
         let index = self
@@ -93,20 +87,50 @@ impl ProcessSnapshot {
         mapping.range.contains(&addr).then_some(mapping)
     }
 
-    pub fn mappings(&self) -> &[Mapping] {
-        &self.mappings
+    pub fn files(&self) -> impl Iterator<Item = FileId> + '_ {
+        self.mappings
+            .iter()
+            .filter_map(|mapping| match mapping.target {
+                Target::File(file) => Some(file),
+                Target::Vdso | Target::Anonymous => None,
+            })
     }
+}
 
-    /// Whether `pid` still runs the process this snapshot was taken of.
-    pub fn is_running(&self, pid: u32) -> bool {
-        let Some(start_time) = self.start_time else {
-            return false;
-        };
-        let stat = proc_pid(pid)
-            .and_then(Process::new)
-            .and_then(|process| process.stat());
-        stat.is_ok_and(|stat| !is_dead(stat.state) && stat.starttime == start_time)
+/// What `/proc/PID/stat` shows of a live process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ProcessStat {
+    pub start_time: u64,
+    pub name: String,
+}
+
+/// The stat of `pid`; `Err` if it is gone, a zombie or dead (its memory map is gone).
+pub(super) fn read_stat(pid: u32) -> Result<ProcessStat, ProcError> {
+    let stat = Process::new(proc_pid(pid)?)?.stat()?;
+    if is_dead(stat.state) {
+        return Err(ProcError::NotFound(None));
     }
+    Ok(ProcessStat {
+        start_time: stat.starttime,
+        name: stat.comm,
+    })
+}
+
+/// The executable mappings of `pid`, sorted by address.
+pub(super) fn read_mappings(pid: u32) -> Result<Vec<ReadMapping>, ProcError> {
+    let mut mappings: Vec<ReadMapping> = Process::new(proc_pid(pid)?)?
+        .maps()?
+        .into_iter()
+        .filter(|map| map.perms.contains(MMPermissions::EXECUTE))
+        .map(read_mapping)
+        .collect();
+    mappings.sort_unstable_by_key(|read| read.mapping.range.start);
+    Ok(mappings)
+}
+
+/// Whether `pid` still runs the process that started at `start_time`.
+pub(super) fn is_running(pid: u32, start_time: u64) -> bool {
+    read_stat(pid).is_ok_and(|stat| stat.start_time == start_time)
 }
 
 fn proc_pid(pid: u32) -> Result<i32, ProcError> {
@@ -118,14 +142,9 @@ fn is_dead(state: char) -> bool {
     matches!(state, 'Z' | 'X')
 }
 
-fn snapshot_mapping(
-    pid: u32,
-    map: &MemoryMap,
-    binaries: &mut BinaryCache,
-    stats: &mut SymbolizeStats,
-) -> Mapping {
+fn read_mapping(map: MemoryMap) -> ReadMapping {
     let (start, end) = map.address;
-    let (module, target) = match &map.pathname {
+    let (module, target, path) = match map.pathname {
         MMapPath::Path(path) => {
             let shown = path.to_string_lossy();
             let (module, deleted) = match shown.strip_suffix(DELETED_SUFFIX) {
@@ -136,37 +155,19 @@ fn snapshot_mapping(
                 dev: map.dev,
                 inode: map.inode,
             };
-            let open = || open_mapped(pid, map.address, path, deleted);
-            let target = match binaries.get_or_open(pid, file, &module, open, stats) {
-                Some(binary) => Target::Binary(binary),
-                None => Target::Unusable(file),
-            };
-            (module, target)
+            (module, Target::File(file), Some((path, deleted)))
         }
-        MMapPath::Vdso => ("[vdso]".to_owned(), Target::Vdso),
-        other => (pseudo_path_name(other), Target::Anonymous),
+        MMapPath::Vdso => ("[vdso]".to_owned(), Target::Vdso, None),
+        other => (pseudo_path_name(&other), Target::Anonymous, None),
     };
-    Mapping {
-        range: start..end,
-        offset: map.offset,
-        module,
-        target,
-    }
-}
-
-/// Opens a mapped file the way the process sees it: `/proc/PID/map_files` reaches it in any
-/// mount namespace and after deletion; `/proc/PID/root/PATH` is the fallback without
-/// CAP_SYS_ADMIN (it cannot reach deleted files, whose path may name another file by now).
-fn open_mapped(pid: u32, (start, end): (u64, u64), path: &Path, deleted: bool) -> io::Result<File> {
-    let map_file = File::open(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
-    match map_file {
-        Ok(file) => Ok(file),
-        Err(error) if deleted => Err(error),
-        Err(_) => {
-            let mut rooted = OsString::from(format!("/proc/{pid}/root"));
-            rooted.push(path.as_os_str());
-            File::open(rooted)
-        }
+    ReadMapping {
+        mapping: Mapping {
+            range: start..end,
+            offset: map.offset,
+            module: module.into(),
+            target,
+        },
+        path,
     }
 }
 
@@ -189,13 +190,15 @@ fn pseudo_path_name(path: &MMapPath) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn mapping(range: Range<u64>) -> Mapping {
         Mapping {
             range,
             offset: 0x1000,
-            module: "[anon]".to_owned(),
+            module: "[anon]".into(),
             target: Target::Anonymous,
         }
     }
@@ -226,30 +229,29 @@ mod tests {
     }
 
     #[test]
-    fn own_process_snapshot_has_the_test_binary() {
-        let mut binaries = BinaryCache::default();
-        let mut stats = SymbolizeStats::default();
-        let snapshot = ProcessSnapshot::take(std::process::id(), &mut binaries, &mut stats)
-            .expect("own process is readable");
-        assert!(snapshot.is_running(std::process::id()));
-        let own = snapshot_addr();
-        let mapping = snapshot.find(own).expect("own code is mapped");
-        assert!(matches!(mapping.target, Target::Binary(_)), "{mapping:?}");
+    fn own_process_mappings_have_the_test_binary() {
+        let pid = std::process::id();
+        let stat = read_stat(pid).expect("own process is readable");
+        assert!(is_running(pid, stat.start_time));
+        assert!(!is_running(pid, stat.start_time + 1));
+        let mappings = read_mappings(pid).expect("own maps are readable");
+        let own = own_process_mappings_have_the_test_binary as fn() as usize as u64;
+        let read = mappings
+            .iter()
+            .find(|read| read.mapping.range.contains(&own))
+            .expect("own code is mapped");
+        assert!(matches!(read.mapping.target, Target::File(_)), "{read:?}");
         let exe = std::env::current_exe().expect("current exe");
-        assert_eq!(Path::new(&mapping.module), exe);
-    }
-
-    fn snapshot_addr() -> u64 {
-        own_process_snapshot_has_the_test_binary as fn() as usize as u64
+        assert_eq!(Path::new(&*read.mapping.module), exe);
+        assert_eq!(read.path.as_ref().map(|(path, _)| path), Some(&exe));
     }
 
     #[test]
     fn vanished_process_is_an_error_not_a_panic() {
-        let mut binaries = BinaryCache::default();
-        let mut stats = SymbolizeStats::default();
         // PIDs above pid_max (at most 2^22) never exist.
-        assert!(ProcessSnapshot::take(u32::MAX - 1, &mut binaries, &mut stats).is_err());
-        assert!(ProcessSnapshot::take(1 << 23, &mut binaries, &mut stats).is_err());
-        assert!(!ProcessSnapshot::default().is_running(1));
+        assert!(read_stat(u32::MAX - 1).is_err());
+        assert!(read_stat(1 << 23).is_err());
+        assert!(read_mappings(1 << 23).is_err());
+        assert!(!is_running(1 << 23, 0));
     }
 }

@@ -1,9 +1,8 @@
-//! What an address resolves to, cached per binary, and how that becomes [`Frame`]s.
+//! What an address resolves to, and how that becomes [`Frame`]s.
 
-use std::collections::HashMap;
 use std::rc::Rc;
 
-use blazesym::symbolize::{CodeInfo, Reason, Symbolized};
+use blazesym::symbolize::{CodeInfo, Symbolized};
 
 use super::SymbolizeStats;
 use crate::profile::{Frame, FrameKind};
@@ -19,9 +18,6 @@ pub(super) struct Symbol {
 
 /// The functions at one address, innermost inlined function first; empty when unknown.
 pub(super) type Symbols = Rc<[Symbol]>;
-
-/// Lookup results keyed by the address or offset that was looked up.
-pub(super) type SymbolCache = HashMap<u64, Symbols>;
 
 /// Converts one blazesym result, expanding inlined functions leaf first.
 pub(super) fn symbols_of(symbolized: &Symbolized<'_>) -> Symbols {
@@ -46,35 +42,6 @@ pub(super) fn symbols_of(symbolized: &Symbolized<'_>) -> Symbols {
 
 fn source_file(info: &CodeInfo<'_>) -> String {
     info.to_path().display().to_string()
-}
-
-/// Looks up the `wanted` addresses that `cache` misses with one `symbolize` call. Returns how
-/// many of them failed with an error (cached as unknown, not retried).
-///
-/// On error nothing is cached, so the misses read as unknown.
-pub(super) fn fill_cache<'s>(
-    cache: &mut SymbolCache,
-    wanted: impl IntoIterator<Item = u64>,
-    stats: &mut SymbolizeStats,
-    symbolize: impl FnOnce(&[u64]) -> blazesym::Result<Vec<Symbolized<'s>>>,
-) -> blazesym::Result<usize> {
-    let mut misses: Vec<u64> = wanted
-        .into_iter()
-        .filter(|addr| !cache.contains_key(addr))
-        .collect();
-    if misses.is_empty() {
-        return Ok(0);
-    }
-    misses.sort_unstable();
-    misses.dedup();
-    stats.symbol_lookups += misses.len() as u64;
-    let results = symbolize(&misses)?;
-    let failed = results
-        .iter()
-        .filter(|result| matches!(result, Symbolized::Unknown(Reason::IgnoredError)))
-        .count();
-    cache.extend(misses.into_iter().zip(results.iter().map(symbols_of)));
-    Ok(failed)
 }
 
 /// Appends the frames of one stack entry: its symbols, or one unknown frame when there are none.
@@ -117,7 +84,7 @@ mod tests {
     use std::borrow::Cow;
     use std::ffi::OsStr;
 
-    use blazesym::symbolize::{InlinedFn, Sym};
+    use blazesym::symbolize::{InlinedFn, Reason, Sym};
 
     use super::*;
 
@@ -182,27 +149,5 @@ mod tests {
         assert_eq!(frames[0].module.as_deref(), Some("[anon]"));
         assert_eq!(frames[0].address, 0x42);
         assert_eq!((stats.frames, stats.unknown_frames), (1, 1));
-    }
-
-    #[test]
-    fn cache_is_filled_once_per_address() {
-        let mut cache = SymbolCache::new();
-        let mut stats = SymbolizeStats::default();
-        let mut calls = Vec::new();
-        let mut failures = Vec::new();
-        for _ in 0..2 {
-            let failed = fill_cache(&mut cache, [3, 1, 3], &mut stats, |addrs| {
-                calls.push(addrs.to_vec());
-                Ok(vec![
-                    Symbolized::Unknown(Reason::UnknownAddr),
-                    Symbolized::Unknown(Reason::IgnoredError),
-                ])
-            });
-            failures.push(failed.expect("fake lookup succeeds"));
-        }
-        assert_eq!(calls, [vec![1, 3]]);
-        assert_eq!(failures, [1, 0]);
-        assert_eq!(stats.symbol_lookups, 2);
-        assert_eq!(cache.len(), 2);
     }
 }

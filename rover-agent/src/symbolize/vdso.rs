@@ -1,6 +1,7 @@
 //! vDSO frames, symbolized through the agent's own vDSO: every 64-bit process of a kernel maps
 //! the same image.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use blazesym::Pid;
@@ -10,15 +11,14 @@ use procfs::process::MMapPath;
 use tracing::debug;
 
 use super::SymbolizeStats;
-use super::resolved::{SymbolCache, Symbols, fill_cache};
+use super::resolved::Symbols;
+use super::symbol_cache::{SymbolCache, SymbolKey};
 
 pub(super) const VDSO_MODULE: &str = "[vdso]";
 
 pub(super) struct VdsoSymbols {
     /// The agent's vDSO, when it has one.
     own: Option<Range<u64>>,
-    /// Keyed by offset into the vDSO.
-    symbols: SymbolCache,
 }
 
 impl VdsoSymbols {
@@ -34,17 +34,16 @@ impl VdsoSymbols {
             debug!(%error, "cannot find own vDSO; vDSO frames stay unknown");
             None
         });
-        Self {
-            own,
-            symbols: SymbolCache::new(),
-        }
+        Self { own }
     }
 
-    /// Looks up the offsets not cached yet.
+    /// Puts the symbols of `offsets` in `found`, from `cache` or looked up.
     pub fn resolve(
-        &mut self,
+        &self,
         blazesym: &blazesym::symbolize::Symbolizer,
+        cache: &mut SymbolCache,
         offsets: impl IntoIterator<Item = u64>,
+        found: &mut HashMap<SymbolKey, Symbols>,
         stats: &mut SymbolizeStats,
     ) {
         let Some(own) = self.own.clone() else {
@@ -59,17 +58,12 @@ impl VdsoSymbols {
         let offsets = offsets
             .into_iter()
             .filter(|&offset| offset < own.end - own.start);
-        let result = fill_cache(&mut self.symbols, offsets, stats, |offsets| {
+        let result = cache.fill(offsets, SymbolKey::Vdso, found, stats, |offsets| {
             let addrs: Vec<u64> = offsets.iter().map(|offset| own.start + offset).collect();
             blazesym.symbolize(&source, Input::AbsAddr(&addrs))
         });
         if let Err(error) = result {
             debug!(%error, "cannot symbolize vDSO frames");
         }
-    }
-
-    /// What `offset` resolved to; empty if unknown or not looked up.
-    pub fn symbols(&self, offset: u64) -> Symbols {
-        self.symbols.get(&offset).cloned().unwrap_or_default()
     }
 }

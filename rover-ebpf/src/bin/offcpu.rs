@@ -15,34 +15,31 @@
 #![no_main]
 
 use aya_ebpf::{
+    Global,
     bindings::task_struct,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_prandom_u32,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns,
     },
     macros::{btf_map, btf_tracepoint},
     programs::BtfTracePointContext,
 };
 use rover_common::{
-    FIRST_STACK_HASH, OffCpuThread, OffCpuValue, STACK_FLAG_PREEMPTED, StackKey, counter,
+    FIRST_STACK_HASH, OffCpuThread, OffCpuValue, STACK_FLAG_KERNEL_TRUNCATED, STACK_FLAG_PREEMPTED,
+    STACK_FLAG_USER_TRUNCATED, StackKey, TARGET_EXCLUDE_PREEMPT, counter,
 };
 use rover_ebpf::{
-    Captured, TaskStorage, atomic_add, capture_user_into, count, epoch, get_or_insert,
+    Captured, TaskStorage, atomic_add, capture_user_into, count, epoch, get_or_insert, rare_debug,
 };
 
 rover_ebpf::profiler_maps!(OffCpuValue);
 
-// Set at load time (`bpf/offcpu.rs`).
-/// Non-zero: involuntary switch-outs (preemption) open no episode.
-#[unsafe(no_mangle)]
-static EXCLUDE_PREEMPT: u8 = 0;
-/// Episodes shorter than this are not aggregated.
-#[unsafe(no_mangle)]
-static MIN_BLOCK_NS: u64 = 0;
+// Set at load time (`bpf/offcpu.rs`); what is per target lives in `TARGETS`.
 /// A switch-out is kept when `bpf_get_prandom_u32() < SAMPLE_THRESHOLD`, unless `SAMPLE_ALL`.
 #[unsafe(no_mangle)]
-static SAMPLE_THRESHOLD: u32 = 0;
+static SAMPLE_THRESHOLD: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
-static SAMPLE_ALL: u8 = 1;
+static SAMPLE_ALL: Global<u8> = Global::new(1);
 
 /// A new aggregate's value before the episode is added.
 static ZERO: OffCpuValue = OffCpuValue {
@@ -71,7 +68,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     // (its CPU time starts after it), so `next`'s episode ends and `prev`'s starts when the
     // first of them needs the clock (read lazily: most switches involve no target at all).
     let now = switch_in(next);
-    switch_out(preempt & 1 != 0, prev_state & 0xffff_ffff, now);
+    switch_out(&ctx, preempt & 1 != 0, prev_state & 0xffff_ffff, now);
     0
 }
 
@@ -86,7 +83,7 @@ fn store_once(
     last_epoch: &mut u32,
     store: impl FnOnce(Captured) -> u64,
 ) -> u64 {
-    if let Captured::Stack(reference) = captured
+    if let Captured::Stack { reference, .. } = captured
         && reference == *last
         && epoch == *last_epoch
     {
@@ -116,33 +113,32 @@ fn switch_in(next: *mut task_struct) -> Option<u64> {
     let now = unsafe { bpf_ktime_get_ns() };
     let episode_ns = now.saturating_sub(thread.start_ns);
     thread.start_ns = 0;
-    // SAFETY: a global written only at load time.
-    let min_block_ns = unsafe { core::ptr::read_volatile(&MIN_BLOCK_NS) };
-    if episode_ns < min_block_ns {
+    if episode_ns < thread.min_block_ns {
         count(&COUNTERS, counter::TOO_SHORT, 1);
         return Some(now);
     }
     let epoch = epoch(&CONTROL);
+    let log = rare_log(epoch);
     rover_ebpf::with_generation!(epoch, |counts, store| {
         let user_stack = store_once(
             Captured::from_reference(thread.user_stack),
-            epoch,
+            epoch as u32,
             &mut thread.last_user_stack,
             &mut thread.last_user_epoch,
-            |captured| store.store_from(captured, &thread.user_frames, counter::USER_STACK_LOST),
+            |captured| store.store_user_from(captured, &thread.user_frames, &log),
         );
         // SAFETY: `next` is the tracepoint's trusted task pointer, and not running yet.
         let kernel = unsafe { store.capture_kernel_of(next) };
         let kernel_stack = store_once(
             kernel,
-            epoch,
+            epoch as u32,
             &mut thread.last_kernel_stack,
             &mut thread.last_kernel_epoch,
-            |captured| store.store(captured, counter::KERNEL_STACK_LOST),
+            |captured| store.store_kernel(captured, &log),
         );
         let key = StackKey {
             tgid: thread.tgid,
-            flags: thread.flags,
+            flags: thread.flags | kernel.truncation(STACK_FLAG_KERNEL_TRUNCATED),
             user_stack,
             kernel_stack,
         };
@@ -170,25 +166,24 @@ fn switch_in(next: *mut task_struct) -> Option<u64> {
 
 /// Opens an episode for the thread being switched out, if it is a target (and kept).
 #[inline(always)]
-fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
+fn switch_out(ctx: &BtfTracePointContext, preempt: bool, state: u64, now: Option<u64>) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if tid == 0 {
         return;
     }
-    if !targets().contains(tgid) {
-        return;
-    }
     // SAFETY: plain helper.
     let task = unsafe { bpf_get_current_task_btf() };
     if state & TASK_DEAD != 0 {
-        // Its last switch-out: the thread's state goes with it.
+        // Its last switch-out: the thread's state goes with it. Checked before the target
+        // filter: the process's target may be gone already (removed when its last thread
+        // exited), and the state is there if the thread ever was one.
         // SAFETY: a trusted task pointer.
         if let Some(thread) = unsafe { THREADS.get(task) }
             // SAFETY: as in `switch_in`.
             && unsafe { (*thread).start_ns } != 0
         {
-            count(&COUNTERS, counter::EPISODE_ENDS_MISSED, 1);
+            episode_end_missed(ctx, tid);
         }
         // SAFETY: a trusted task pointer.
         if unsafe { THREADS.delete(task) } {
@@ -196,19 +191,15 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
         }
         return;
     }
+    let Some(options) = targets().lookup(tgid) else {
+        return;
+    };
     // SAFETY: plain helper.
     let now = now.unwrap_or_else(|| unsafe { bpf_ktime_get_ns() });
-    // SAFETY: globals written only at load time.
-    let (exclude_preempt, sample_all, threshold) = unsafe {
-        (
-            core::ptr::read_volatile(&EXCLUDE_PREEMPT) != 0,
-            core::ptr::read_volatile(&SAMPLE_ALL) != 0,
-            core::ptr::read_volatile(&SAMPLE_THRESHOLD),
-        )
-    };
+    let (sample_all, threshold) = (SAMPLE_ALL.load() != 0, SAMPLE_THRESHOLD.load());
     // Preempted, or gave up the CPU while still runnable (sched_yield): not blocked.
     let preempted = preempt || state == 0;
-    if preempted && exclude_preempt {
+    if preempted && options.flags & TARGET_EXCLUDE_PREEMPT != 0 {
         count(&COUNTERS, counter::PREEMPT_EXCLUDED, 1);
         return;
     }
@@ -238,7 +229,8 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
         // SAFETY: plain helper.
         unsafe { bpf_ktime_get_ns() }
     };
-    thread.user_stack = capture_user_into(&mut thread.user_frames, None, &COUNTERS).reference();
+    let user = capture_user_into(&mut thread.user_frames, None, &COUNTERS);
+    thread.user_stack = user.reference();
     thread.capture_ns = if sample_all {
         0
     } else {
@@ -246,14 +238,31 @@ fn switch_out(preempt: bool, state: u64, now: Option<u64>) {
         let capture_end = unsafe { bpf_ktime_get_ns() };
         capture_end - capture_start
     };
-    thread.flags = if preempted { STACK_FLAG_PREEMPTED } else { 0 };
+    let preempted_flag = if preempted { STACK_FLAG_PREEMPTED } else { 0 };
+    thread.flags = preempted_flag | user.truncation(STACK_FLAG_USER_TRUNCATED);
+    thread.min_block_ns = options.min_block_ns;
     if thread.start_ns != 0 {
         // Still open: the switch-in that ended it was never seen (rare, see
         // `counter::EPISODE_ENDS_MISSED`). When it ended is unknown: dropped, counted.
-        count(&COUNTERS, counter::EPISODE_ENDS_MISSED, 1);
+        episode_end_missed(ctx, tid);
     }
     thread.start_ns = now;
     count(&COUNTERS, counter::EPISODES_OPENED, 1);
+}
+
+/// Counts (and logs, rate-limited) an episode of thread `tid` whose end was never seen.
+#[inline(always)]
+fn episode_end_missed(ctx: &BtfTracePointContext, tid: u32) {
+    count(&COUNTERS, counter::EPISODE_ENDS_MISSED, 1);
+    let log = rare_log(epoch(&CONTROL));
+    rare_debug!(
+        log,
+        ctx,
+        "off-CPU episode of thread {} ended unseen (switched out again on CPU {}): dropped",
+        tid,
+        // SAFETY: plain helper.
+        unsafe { bpf_get_smp_processor_id() }
+    );
 }
 
 #[unsafe(link_section = "license")]

@@ -4,7 +4,9 @@
 #![no_main]
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::perf_event, programs::PerfEventContext};
-use rover_common::{StackKey, counter};
+use rover_common::{
+    NO_STACK, STACK_FLAG_KERNEL_TRUNCATED, STACK_FLAG_USER_TRUNCATED, StackKey, counter,
+};
 use rover_ebpf::{atomic_add, count, epoch, get_or_insert};
 
 rover_ebpf::profiler_maps!(u64);
@@ -24,7 +26,7 @@ fn sample(ctx: &PerfEventContext) {
         count(&COUNTERS, counter::SAMPLES_IDLE, 1);
         return;
     }
-    if !targets().contains(tgid) {
+    if targets().lookup(tgid).is_none() {
         return;
     }
     // Copied out of the context first: the body below is expanded once per generation, and
@@ -33,16 +35,23 @@ fn sample(ctx: &PerfEventContext) {
     // SAFETY: the context points at the kernel's `bpf_perf_event_data`.
     let regs = unsafe { core::ptr::read_volatile(&raw const (*ctx.ctx).regs) };
     let regs = &regs;
-    rover_ebpf::with_generation!(epoch(&CONTROL), |counts, store| {
-        let kernel_stack = if regs.cs & 3 == 0 {
-            store.kernel_stack(ctx)
+    let epoch = epoch(&CONTROL);
+    let log = rare_log(epoch);
+    rover_ebpf::with_generation!(epoch, |counts, store| {
+        let (kernel_stack, kernel_flags) = if regs.cs & 3 == 0 {
+            let captured = store.capture_kernel(ctx);
+            (
+                store.store_kernel(captured, &log),
+                captured.truncation(STACK_FLAG_KERNEL_TRUNCATED),
+            )
         } else {
-            rover_common::NO_STACK
+            (NO_STACK, 0)
         };
-        let user_stack = store.user_stack(Some(regs));
+        let captured = store.capture_user(Some(regs));
+        let user_stack = store.store_user(captured, &log);
         let key = StackKey {
             tgid,
-            flags: 0,
+            flags: kernel_flags | captured.truncation(STACK_FLAG_USER_TRUNCATED),
             user_stack,
             kernel_stack,
         };

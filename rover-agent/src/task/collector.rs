@@ -1,0 +1,193 @@
+//! The collector thread: symbolizes what the engine delivers and folds it into each task's
+//! current window; hands finished windows to the tasks' sinks. It owns the symbolizer (which
+//! must stay on one thread) and retires exited processes from it.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, warn};
+
+use super::stacks::{Values, fold};
+use super::{ProfileWindow, TaskNotice, TaskSummary, WindowSink};
+use crate::bpf::{Counters, Delivery, RecordingId};
+use crate::profile::Profile;
+use crate::symbolize::{ProcessTable, Symbolizer, SymbolizerConfig};
+
+/// How often exited processes are retired from the process table and the symbolizer.
+const RETIRE_EVERY: Duration = Duration::from_secs(1);
+
+pub(super) enum Message {
+    Delivery(Delivery),
+    /// A task started: its deliveries go to this state (any that came first are replayed).
+    Register {
+        recording: RecordingId,
+        task: Box<TaskState>,
+    },
+}
+
+/// What the async side of a task hears from the collector.
+#[derive(Debug)]
+pub(super) enum CollectorNotice {
+    Notice(TaskNotice),
+    Ended(Box<TaskSummary>),
+}
+
+pub(super) struct TaskState {
+    pub values: Values,
+    pub sink: Box<dyn WindowSink>,
+    pub notices: UnboundedSender<CollectorNotice>,
+    pub profile: Profile,
+    pub window_started: Instant,
+    pub windows: u64,
+    /// Counters of the windows handed on so far: the last window gets the rest.
+    pub counters_so_far: Counters,
+    pub stacks_cut: u64,
+    pub window_stacks_cut: u64,
+    pub sink_errors: Vec<String>,
+}
+
+impl TaskState {
+    pub fn new(
+        values: Values,
+        sink: Box<dyn WindowSink>,
+        notices: UnboundedSender<CollectorNotice>,
+    ) -> Self {
+        Self {
+            values,
+            sink,
+            notices,
+            profile: values.profile(SystemTime::now()),
+            window_started: Instant::now(),
+            windows: 0,
+            counters_so_far: Counters::default(),
+            stacks_cut: 0,
+            window_stacks_cut: 0,
+            sink_errors: Vec::new(),
+        }
+    }
+
+    /// Hands the current window to the sink and starts the next.
+    fn end_window(&mut self, counters: Counters, last: bool) {
+        let next = self.values.profile(SystemTime::now());
+        let mut profile = std::mem::replace(&mut self.profile, next);
+        profile.duration = self.window_started.elapsed();
+        self.window_started = Instant::now();
+        self.counters_so_far += counters;
+        let window = ProfileWindow {
+            profile,
+            counters,
+            stacks_cut: std::mem::take(&mut self.window_stacks_cut),
+            last,
+        };
+        self.windows += 1;
+        if let Err(error) = self.sink.window(window) {
+            let error = format!("{error:#}");
+            warn!("a profile window could not be handed on: {error}");
+            self.sink_errors.push(error);
+        }
+    }
+}
+
+pub(super) fn run(
+    messages: mpsc::Receiver<Message>,
+    config: SymbolizerConfig,
+    processes: ProcessTable,
+) {
+    let mut symbolizer = Symbolizer::new(config, processes.clone());
+    let mut tasks: HashMap<RecordingId, Box<TaskState>> = HashMap::new();
+    let mut early: HashMap<RecordingId, Vec<Delivery>> = HashMap::new();
+    let mut last_retire = Instant::now();
+    loop {
+        let message = match messages.recv_timeout(RETIRE_EVERY) {
+            Ok(message) => Some(message),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        match message {
+            Some(Message::Register { recording, task }) => {
+                tasks.insert(recording, task);
+                for delivery in early.remove(&recording).unwrap_or_default() {
+                    handle(&mut symbolizer, &processes, &mut tasks, delivery);
+                }
+            }
+            Some(Message::Delivery(delivery)) => {
+                let recording = recording_of(&delivery);
+                if tasks.contains_key(&recording) {
+                    handle(&mut symbolizer, &processes, &mut tasks, delivery);
+                } else {
+                    // Delivered before the task registered (it registers once the engine has
+                    // given its id).
+                    early.entry(recording).or_default().push(delivery);
+                }
+            }
+            None => {}
+        }
+        if last_retire.elapsed() >= RETIRE_EVERY {
+            let retired = processes.retire(Instant::now());
+            if retired > 0 {
+                symbolizer.retire();
+                debug!(retired, "retired exited processes");
+            }
+            last_retire = Instant::now();
+        }
+    }
+}
+
+fn recording_of(delivery: &Delivery) -> RecordingId {
+    match delivery {
+        Delivery::Stacks { recording, .. }
+        | Delivery::WindowEnd { recording, .. }
+        | Delivery::ProcessExited { recording, .. }
+        | Delivery::DrainFailed { recording, .. }
+        | Delivery::Ended { recording, .. } => *recording,
+    }
+}
+
+fn handle(
+    symbolizer: &mut Symbolizer,
+    processes: &ProcessTable,
+    tasks: &mut HashMap<RecordingId, Box<TaskState>>,
+    delivery: Delivery,
+) {
+    let recording = recording_of(&delivery);
+    let Some(task) = tasks.get_mut(&recording) else {
+        return;
+    };
+    match delivery {
+        Delivery::Stacks { stacks, .. } => {
+            for stack in &stacks {
+                if fold(symbolizer, processes, &mut task.profile, task.values, stack) {
+                    task.stacks_cut += 1;
+                    task.window_stacks_cut += 1;
+                }
+            }
+        }
+        Delivery::WindowEnd { counters, .. } => task.end_window(counters, false),
+        Delivery::ProcessExited { pid, .. } => {
+            let _ = task
+                .notices
+                .send(CollectorNotice::Notice(TaskNotice::ProcessExited { pid }));
+        }
+        Delivery::DrainFailed { error, .. } => {
+            let _ = task
+                .notices
+                .send(CollectorNotice::Notice(TaskNotice::DrainFailed(error)));
+        }
+        Delivery::Ended { counters, .. } => {
+            let Some(mut task) = tasks.remove(&recording) else {
+                return;
+            };
+            task.end_window(counters - task.counters_so_far, true);
+            let summary = TaskSummary {
+                counters,
+                symbolize: symbolizer.stats(),
+                stacks_cut: task.stacks_cut,
+                windows: task.windows,
+                sink_errors: task.sink_errors,
+            };
+            let _ = task.notices.send(CollectorNotice::Ended(Box::new(summary)));
+        }
+    }
+}
