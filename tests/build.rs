@@ -16,6 +16,8 @@ const C_WORKLOADS: &[&str] = &[
     "cpu_bound",
     "pingpong",
     "thread_churn",
+    "fork_churn",
+    "deep_recursion",
 ];
 const RUST_WORKLOADS: &[&str] = &["rust_spin"];
 

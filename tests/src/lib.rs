@@ -249,3 +249,47 @@ pub fn assert_near(
         tolerance * 100.0
     );
 }
+
+/// `prog_type` values of `/proc/PID/fdinfo` (`enum bpf_prog_type`).
+pub mod prog_type {
+    pub const PERF_EVENT: u32 = 7;
+    pub const RAW_TRACEPOINT: u32 = 17;
+    /// BTF tracepoints (`tp_btf`).
+    pub const TRACING: u32 = 26;
+}
+
+/// The eBPF programs this process holds, counted by `prog_type` (each program once, however
+/// many descriptors or links refer to it).
+pub fn programs_held() -> std::collections::BTreeMap<u32, usize> {
+    let mut programs = std::collections::BTreeMap::<u32, std::collections::BTreeSet<u64>>::new();
+    let entries = std::fs::read_dir("/proc/self/fdinfo").expect("reading /proc/self/fdinfo");
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| value.trim().parse::<u64>().ok())
+        };
+        if let (Some(kind), Some(id)) = (field("prog_type:"), field("prog_id:")) {
+            programs.entry(kind as u32).or_default().insert(id);
+        }
+    }
+    programs
+        .into_iter()
+        .map(|(kind, ids)| (kind, ids.len()))
+        .collect()
+}
+
+/// The names of the functions in the stack of `sample` (root first).
+pub fn function_names(
+    profile: &rover_agent::profile::Profile,
+    sample: &rover_agent::profile::Sample,
+) -> Vec<String> {
+    sample
+        .frames
+        .iter()
+        .map(|&id| profile.frame(id).display_name())
+        .collect()
+}

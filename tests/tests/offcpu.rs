@@ -602,6 +602,15 @@ fn excluding_preemption_leaves_a_cpu_bound_thread_without_off_cpu_time() {
         0,
         "off-CPU switches remain with --exclude-preempt\n{context}"
     );
+    // Not empty for want of recording: each of its preemptions was seen, and left out.
+    let excluded = number_before(&stderr, "preemptions excluded");
+    assert_near(
+        excluded as f64,
+        truth.involuntary as f64,
+        0.05,
+        "preemptions excluded vs the thread's ru_nivcsw",
+        &context,
+    );
 }
 
 /// Truth printed by pingpong for one thread.

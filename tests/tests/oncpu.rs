@@ -315,3 +315,59 @@ fn sigint_and_sigterm_stop_the_profile_and_write_it() {
         );
     }
 }
+
+/// A user stack deeper than the agent records (127 frames) is cut at its root end: every output
+/// marks it `[truncated]` there, and the summary counts it.
+#[test]
+fn stacks_deeper_than_recorded_are_marked_truncated_at_their_root() {
+    if !bpf_available("stacks_deeper_than_recorded_are_marked_truncated_at_their_root") {
+        return;
+    }
+    let _lock = machine_lock();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let workload = Workload::spawn("deep_recursion", &["30", "200"]);
+    let pid = workload.pid().to_string();
+    let (folded, stderr) = profile_folded(&["--pid", &pid], 2, dir.path());
+    let context = format!("{folded}\n{stderr}");
+    let total = folded.process_total("deep_recursion");
+    let marked = folded.matching(|stack| {
+        stack.get(1).is_some_and(|frame| frame == "[truncated]")
+            && stack.iter().filter(|frame| *frame == "recurse").count() >= 100
+    });
+    assert!(total > 100, "too few samples\n{context}");
+    assert!(
+        marked as f64 >= 0.95 * total as f64,
+        "only {marked} of {total} samples are marked truncated at their root\n{context}"
+    );
+    let counted: u64 = stderr
+        .split(" stacks truncated")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        counted > 0,
+        "the summary does not count truncated stacks\n{stderr}"
+    );
+
+    for output in ["flame.svg", "cpu.pb.gz"] {
+        let path = dir.path().join(output);
+        let run = run_agent(
+            agent()
+                .args(["profile", "--pid", &pid, "--duration", "1s", "--output"])
+                .arg(&path),
+        );
+        assert!(run.success, "{output}: {}", run.stderr);
+        let marked = if output.ends_with(".svg") {
+            std::fs::read_to_string(&path)
+                .expect("svg")
+                .contains("[truncated]")
+        } else {
+            integration_tests::pprof::read(&path)
+                .samples_with_function("[truncated]")
+                .0
+                > 0
+        };
+        assert!(marked, "{output} lacks the [truncated] frame");
+    }
+}

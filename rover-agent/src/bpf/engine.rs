@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
@@ -62,10 +62,12 @@ pub enum Delivery {
     },
     /// A window ended: everything recorded in it was delivered before this. `counters` are
     /// those of the recording's profiler over the window (shared by every recording of its
-    /// kind).
+    /// kind); the window ran from `start` to `end` (the drains that delimit it).
     WindowEnd {
         recording: RecordingId,
         counters: Counters,
+        start: SystemTime,
+        end: SystemTime,
     },
     /// One of the recording's processes exited; its stacks were delivered before this.
     ProcessExited { recording: RecordingId, pid: u32 },
@@ -75,10 +77,12 @@ pub enum Delivery {
         error: String,
     },
     /// The recording stopped; everything it recorded was delivered before this. `counters`
-    /// cover its whole life.
+    /// cover its whole life; its last window ran from `start` to `end`.
     Ended {
         recording: RecordingId,
         counters: Counters,
+        start: SystemTime,
+        end: SystemTime,
     },
 }
 
@@ -246,13 +250,19 @@ impl Drop for Handle {
 struct Recording {
     kind: ProfilerKind,
     every_process: bool,
+    /// Its target processes.
     pids: HashSet<u32>,
+    /// Processes it no longer targets (removed, or exited: `true`) that the kernel stopped
+    /// recording, still routed to it until its profiler's next drain has collected what they
+    /// recorded; an exit is announced then.
+    leaving: HashMap<u32, bool>,
     options: TargetOptions,
     window: Option<Duration>,
     next_window_end: Option<Instant>,
     /// The profiler's counters when the recording, and its window, started.
     counters_at_start: Counters,
     counters_at_window: Counters,
+    window_start: SystemTime,
 }
 
 struct Loaded {
@@ -374,11 +384,13 @@ impl EngineThread {
                 kind,
                 every_process: false,
                 pids: HashSet::new(),
+                leaving: HashMap::new(),
                 options: spec.options,
                 window: spec.window,
                 next_window_end: spec.window.map(|window| now + window),
                 counters_at_start: counters,
                 counters_at_window: counters,
+                window_start: SystemTime::now(),
             },
         );
         let targets = match spec.targets {
@@ -424,6 +436,7 @@ impl EngineThread {
         self.profiler(kind)?.add_target(pid, options)?;
         if let Some(recording) = self.recordings.get_mut(&id) {
             recording.pids.insert(pid);
+            recording.leaving.remove(&pid);
         }
         if let Some(events) = &mut self.events
             && let Err(error) = events.watch(pid)
@@ -439,6 +452,10 @@ impl EngineThread {
         self.handle_process_events();
         if !crate::process::is_alive(pid) {
             self.forget_exited(&[pid]);
+            if let Some(recording) = self.recordings.get_mut(&id) {
+                // Its exit concerns the recordings that had it, not this failed addition.
+                recording.leaving.remove(&pid);
+            }
             return Err(Error::NoSuchProcess { pid });
         }
         Ok(())
@@ -450,12 +467,20 @@ impl EngineThread {
         if !recording.pids.contains(&pid) {
             return Ok(());
         }
-        // Not recorded any more (unless another recording holds it); what was recorded of it
-        // so far, drained next, still belongs to this recording.
-        self.profiler(kind)?.remove_target(pid)?;
-        self.drain(kind);
+        let profiler = self.profiler(kind)?;
+        profiler.remove_target(pid)?;
+        let still_recorded = profiler.holds(pid);
+        if still_recorded {
+            // Another recording keeps it recorded: what this one gets ends now.
+            self.drain(kind);
+        }
         if let Some(recording) = self.recordings.get_mut(&id) {
             recording.pids.remove(&pid);
+            if !still_recorded {
+                // Not recorded any more: what it recorded so far still comes to this recording
+                // with the next drain.
+                recording.leaving.insert(pid, false);
+            }
         }
         self.unwatch_if_unheld(pid);
         Ok(())
@@ -483,6 +508,8 @@ impl EngineThread {
             self.deliver(Delivery::Ended {
                 recording: id,
                 counters: counters - recording.counters_at_start,
+                start: recording.window_start,
+                end: SystemTime::now(),
             });
         }
         self.forget(id);
@@ -517,7 +544,7 @@ impl EngineThread {
             self.profilers.remove(&kind);
             info!(profiler = kind.name(), "profiler unloaded");
         }
-        for &pid in &recording.pids {
+        for &pid in recording.pids.iter().chain(recording.leaving.keys()) {
             self.unwatch_if_unheld(pid);
         }
         if self.recordings.is_empty() {
@@ -676,6 +703,8 @@ impl EngineThread {
         };
         let window_counters = counters - recording.counters_at_window;
         recording.counters_at_window = counters;
+        let (start, end) = (recording.window_start, SystemTime::now());
+        recording.window_start = end;
         if let (Some(window), Some(end)) = (recording.window, &mut recording.next_window_end) {
             // Late windows are not made up for: the next ends one window from now.
             *end = (*end + window).max(now);
@@ -683,6 +712,8 @@ impl EngineThread {
         self.deliver(Delivery::WindowEnd {
             recording: id,
             counters: window_counters,
+            start,
+            end,
         });
     }
 
@@ -722,7 +753,7 @@ impl EngineThread {
             if recording.every_process {
                 every.push(id);
             } else {
-                for &pid in &recording.pids {
+                for &pid in recording.pids.iter().chain(recording.leaving.keys()) {
                     by_pid.entry(pid).or_default().push(id);
                 }
             }
@@ -745,6 +776,18 @@ impl EngineThread {
         }
         for (recording, stacks) in batches {
             self.deliver(Delivery::Stacks { recording, stacks });
+        }
+        // What the leaving processes recorded is delivered: they leave now.
+        let mut exits = Vec::new();
+        for (&id, recording) in self.recordings.iter_mut().filter(|(_, r)| r.kind == kind) {
+            for (pid, exited) in recording.leaving.drain() {
+                if exited {
+                    exits.push(Delivery::ProcessExited { recording: id, pid });
+                }
+            }
+        }
+        for exit in exits {
+            self.deliver(exit);
         }
     }
 
@@ -771,36 +814,22 @@ impl EngineThread {
         }
     }
 
+    /// The kernel removed the targets of exited processes (or will find none): forget them. Their
+    /// recordings still get what they recorded, with the next drain, then hear of the exit.
     fn forget_exited(&mut self, exited: &[u32]) {
-        let kinds: Vec<ProfilerKind> = self
-            .profilers
-            .iter()
-            .filter(|(_, loaded)| exited.iter().any(|&pid| loaded.profiler.holds(pid)))
-            .map(|(&kind, _)| kind)
-            .collect();
-        // Their last stacks go to the recordings that had them.
-        for &kind in &kinds {
-            self.drain(kind);
-        }
-        for kind in kinds {
-            if let Some(loaded) = self.profilers.get_mut(&kind) {
-                for &pid in exited {
-                    if let Err(error) = loaded.profiler.target_exited(pid) {
-                        warn!(pid, "forgetting an exited target: {error}");
-                    }
-                }
-            }
-        }
-        let mut notices = Vec::new();
-        for (&id, recording) in &mut self.recordings {
+        for loaded in self.profilers.values_mut() {
             for &pid in exited {
-                if recording.pids.remove(&pid) {
-                    notices.push(Delivery::ProcessExited { recording: id, pid });
+                if let Err(error) = loaded.profiler.target_exited(pid) {
+                    warn!(pid, "forgetting an exited target: {error}");
                 }
             }
         }
-        for notice in notices {
-            self.deliver(notice);
+        for recording in self.recordings.values_mut() {
+            for &pid in exited {
+                if recording.pids.remove(&pid) || recording.leaving.contains_key(&pid) {
+                    recording.leaving.insert(pid, true);
+                }
+            }
         }
     }
 

@@ -177,10 +177,8 @@ impl Task {
         match self.notices.recv().await? {
             CollectorNotice::Notice(TaskNotice::ProcessExited { pid }) => {
                 let all_gone = self.pids.as_ref().is_some_and(|pids| {
-                    pids.lock().is_ok_and(|mut pids| {
-                        pids.remove(&pid);
-                        pids.is_empty()
-                    })
+                    pids.lock()
+                        .is_ok_and(|mut pids| pids.remove(&pid) && pids.is_empty())
                 });
                 Some(if all_gone {
                     TaskNotice::AllProcessesExited
@@ -198,10 +196,21 @@ impl Task {
 
     /// Stops recording at once; returns once the last window went to the sink.
     pub async fn stop(mut self) -> anyhow::Result<TaskSummary> {
+        self.halt().await?;
+        self.finish().await
+    }
+
+    /// Stops recording at once: the kernel records nothing more for this task, and what it
+    /// recorded is on its way to the collector. Returns without waiting for symbolization.
+    pub async fn halt(&mut self) -> anyhow::Result<()> {
         self.engine
             .stop(self.recording)
             .await
-            .context("stopping the task")?;
+            .context("stopping the task")
+    }
+
+    /// After [`halt`](Self::halt): returns once the last window went to the sink.
+    pub async fn finish(mut self) -> anyhow::Result<TaskSummary> {
         while self.ended.is_none() {
             if self.notice().await.is_none() && self.ended.is_none() {
                 anyhow::bail!("the collector ended before the task's last window");

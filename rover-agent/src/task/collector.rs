@@ -39,7 +39,6 @@ pub(super) struct TaskState {
     pub sink: Box<dyn WindowSink>,
     pub notices: UnboundedSender<CollectorNotice>,
     pub profile: Profile,
-    pub window_started: Instant,
     pub windows: u64,
     /// Counters of the windows handed on so far: the last window gets the rest.
     pub counters_so_far: Counters,
@@ -59,7 +58,6 @@ impl TaskState {
             sink,
             notices,
             profile: values.profile(SystemTime::now()),
-            window_started: Instant::now(),
             windows: 0,
             counters_so_far: Counters::default(),
             stacks_cut: 0,
@@ -68,12 +66,12 @@ impl TaskState {
         }
     }
 
-    /// Hands the current window to the sink and starts the next.
-    fn end_window(&mut self, counters: Counters, last: bool) {
-        let next = self.values.profile(SystemTime::now());
+    /// Hands the current window (from `start` to `end`) to the sink and starts the next.
+    fn end_window(&mut self, counters: Counters, start: SystemTime, end: SystemTime, last: bool) {
+        let next = self.values.profile(end);
         let mut profile = std::mem::replace(&mut self.profile, next);
-        profile.duration = self.window_started.elapsed();
-        self.window_started = Instant::now();
+        profile.start = start;
+        profile.duration = end.duration_since(start).unwrap_or_default();
         self.counters_so_far += counters;
         let window = ProfileWindow {
             profile,
@@ -164,7 +162,12 @@ fn handle(
                 }
             }
         }
-        Delivery::WindowEnd { counters, .. } => task.end_window(counters, false),
+        Delivery::WindowEnd {
+            counters,
+            start,
+            end,
+            ..
+        } => task.end_window(counters, start, end, false),
         Delivery::ProcessExited { pid, .. } => {
             let _ = task
                 .notices
@@ -175,11 +178,16 @@ fn handle(
                 .notices
                 .send(CollectorNotice::Notice(TaskNotice::DrainFailed(error)));
         }
-        Delivery::Ended { counters, .. } => {
+        Delivery::Ended {
+            counters,
+            start,
+            end,
+            ..
+        } => {
             let Some(mut task) = tasks.remove(&recording) else {
                 return;
             };
-            task.end_window(counters - task.counters_so_far, true);
+            task.end_window(counters - task.counters_so_far, start, end, true);
             let summary = TaskSummary {
                 counters,
                 symbolize: symbolizer.stats(),
