@@ -18,6 +18,7 @@ const C_WORKLOADS: &[&str] = &[
     "thread_churn",
     "fork_churn",
     "deep_recursion",
+    "many_stacks",
 ];
 const RUST_WORKLOADS: &[&str] = &["rust_spin"];
 

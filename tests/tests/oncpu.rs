@@ -371,3 +371,51 @@ fn stacks_deeper_than_recorded_are_marked_truncated_at_their_root() {
         assert!(marked, "{output} lacks the [truncated] frame");
     }
 }
+
+/// Rare kernel-side events reach the agent's log at debug level (aya-log), rate-limited per
+/// CPU, and never silently: stacks lost to a full stack map are logged and counted.
+#[test]
+fn kernel_side_debug_logs_reach_the_agents_log() {
+    if !bpf_available("kernel_side_debug_logs_reach_the_agents_log") {
+        return;
+    }
+    let _lock = machine_lock();
+    // Thousands of distinct stacks within one (long) drain interval, into the smallest maps.
+    let workload = Workload::spawn("many_stacks", &["30", "120"]);
+    let run = run_agent(
+        agent()
+            .args(["profile", "--pid", &workload.pid().to_string()])
+            .args(["--frequency", "2999", "--drain-interval", "60s"])
+            .args([
+                "--map-memory",
+                "4MiB",
+                "--duration",
+                "6s",
+                "--output",
+                "/dev/null",
+            ])
+            .env("RUST_LOG", "rover_agent::bpf::kernel=debug,warn"),
+    );
+    assert!(run.success, "{}", run.stderr);
+    let logged = run
+        .stderr
+        .lines()
+        .filter(|line| {
+            line.contains("rover_agent::bpf::kernel") && line.contains("stack map insert failed")
+        })
+        .count();
+    assert!(logged > 0, "no kernel-side log record:\n{}", run.stderr);
+    let cpus = cpus() as usize;
+    assert!(
+        logged <= 4 * cpus,
+        "{logged} records: more than the rate limit lets through in one drain interval"
+    );
+    let lost: u64 = run
+        .stderr
+        .split("user stacks ")
+        .nth(1)
+        .and_then(|tail| tail.split(',').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or(0);
+    assert!(lost > 0, "stacks lost but not counted:\n{}", run.stderr);
+}
