@@ -25,7 +25,10 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
+use aya::EbpfLoader;
+
 use super::events::{ProcessEvent, ProcessEvents};
+use super::loader::{Globals, loader};
 use super::memory::MapCapacity;
 use super::profiler::{Profiler, ProfilerSettings};
 use super::targets::TargetOptions;
@@ -144,7 +147,10 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("rover-engine".to_owned())
             .spawn(move || {
+                let globals = Globals::new(&settings);
                 EngineThread {
+                    globals: &globals,
+                    loader: None,
                     settings,
                     deliver: Box::new(deliver),
                     process_event: Box::new(process_event),
@@ -270,7 +276,10 @@ struct Loaded {
     next_drain: Instant,
 }
 
-struct EngineThread {
+struct EngineThread<'g> {
+    globals: &'g Globals,
+    /// Made at the first load, then kept (see `loader.rs`).
+    loader: Option<EbpfLoader<'g>>,
     settings: ProfilerSettings,
     deliver: Box<dyn Fn(Delivery) + Send>,
     process_event: Box<dyn Fn(ProcessEvent) + Send>,
@@ -283,7 +292,7 @@ struct EngineThread {
     unrouted_stacks: u64,
 }
 
-impl EngineThread {
+impl<'g> EngineThread<'g> {
     fn run(mut self) {
         loop {
             self.wait();
@@ -373,7 +382,12 @@ impl EngineThread {
 
     fn record(&mut self, spec: RecordingSpec) -> Result<RecordingId, Error> {
         let kind = spec.kind;
-        self.load(kind)?;
+        if let Err(error) = self.load(kind) {
+            if self.recordings.is_empty() {
+                self.events = None;
+            }
+            return Err(error);
+        }
         let id = RecordingId(self.next_id);
         self.next_id += 1;
         let counters = self.profiler(kind)?.counters()?;
@@ -579,8 +593,30 @@ impl EngineThread {
     }
 
     fn load(&mut self, kind: ProfilerKind) -> Result<(), Error> {
+        let loader = self.loader.get_or_insert_with(|| loader(self.globals));
+        if self.events.is_none() {
+            match ProcessEvents::load(
+                loader,
+                self.settings.max_targets.saturating_mul(2),
+                &self.globals.task_tgid_offset,
+            ) {
+                Ok(mut events) => {
+                    if self.recordings.values().any(|r| r.every_process)
+                        && let Err(error) = events.set_every_process(true)
+                    {
+                        warn!("{error}");
+                    }
+                    self.events = Some(events);
+                }
+                Err(error) => warn!(
+                    "process events unavailable: targets that exit are still removed, but \
+                     processes that live less than a drain interval may stay unsymbolized: \
+                     {error}"
+                ),
+            }
+        }
         if !self.profilers.contains_key(&kind) {
-            let profiler = Profiler::load(kind, &self.settings)?;
+            let profiler = Profiler::load(kind, &self.settings, loader)?;
             let capacity = profiler.capacity();
             info!(
                 profiler = kind.name(),
@@ -604,23 +640,6 @@ impl EngineThread {
                     next_drain: Instant::now() + self.settings.drain_interval,
                 },
             );
-        }
-        if self.events.is_none() {
-            match ProcessEvents::load(self.settings.max_targets.saturating_mul(2)) {
-                Ok(mut events) => {
-                    if self.recordings.values().any(|r| r.every_process)
-                        && let Err(error) = events.set_every_process(true)
-                    {
-                        warn!("{error}");
-                    }
-                    self.events = Some(events);
-                }
-                Err(error) => warn!(
-                    "process events unavailable: targets that exit are still removed, but \
-                     processes that live less than a drain interval may stay unsymbolized: \
-                     {error}"
-                ),
-            }
         }
         Ok(())
     }

@@ -38,21 +38,24 @@ pub(super) struct ProcessEvents {
 }
 
 impl ProcessEvents {
-    /// Loads and attaches the programs; they report nothing until told what to watch.
-    pub fn load(max_watched: u32) -> Result<Self, Error> {
-        let (tgid_offset, forks) = match super::kernel_btf::task_tgid_offset() {
-            Ok(offset) => (offset, true),
+    /// Loads (with `loader`, see `loader.rs`) and attaches the programs; they report nothing
+    /// until told what to watch. `tgid_offset` says where `task_struct::tgid` is, for forks.
+    pub fn load(
+        loader: &mut EbpfLoader<'_>,
+        max_watched: u32,
+        tgid_offset: &Result<u32, String>,
+    ) -> Result<Self, Error> {
+        let forks = match tgid_offset {
+            Ok(_) => true,
             Err(problem) => {
                 warn!(
                     "new processes (forks) are not reported, so with --all a process that lives \
                      less than a drain interval may stay unsymbolized: {problem}"
                 );
-                (0, false)
+                false
             }
         };
-        let mut ebpf = EbpfLoader::new()
-            .btf(None)
-            .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
+        let mut ebpf = loader
             .map_max_entries("WATCHED", max_watched)
             .map_max_entries("PROCESS_EVENTS", RING_BYTES)
             .load(object::events()?)

@@ -4,6 +4,7 @@
 use aya::util::online_cpus;
 
 use super::events::ProcessEvents;
+use super::loader::{Globals, loader};
 use super::profiler::{Profiler, ProfilerSettings};
 use super::{Error, ProfilerKind};
 
@@ -16,10 +17,12 @@ pub struct HostCheck {
 /// Checks what the profilers need, with the settings the agent would run with.
 pub fn check_host(settings: &ProfilerSettings) -> Vec<HostCheck> {
     let cpus = online_cpus().map_or(1, |cpus| cpus.len() as u32);
+    let globals = Globals::new(settings);
+    let mut loader = loader(&globals);
     vec![
         HostCheck {
             name: "on-CPU sampler",
-            result: Profiler::load(ProfilerKind::OnCpu, settings)
+            result: Profiler::load(ProfilerKind::OnCpu, settings, &mut loader)
                 .map(|_| {
                     format!(
                         "perf_event program on the cpu-clock event of {cpus} CPUs at {} Hz: \
@@ -31,13 +34,18 @@ pub fn check_host(settings: &ProfilerSettings) -> Vec<HostCheck> {
         },
         HostCheck {
             name: "off-CPU tracer",
-            result: Profiler::load(ProfilerKind::OffCpu, settings)
+            result: Profiler::load(ProfilerKind::OffCpu, settings, &mut loader)
                 .map(|_| "sched_switch (BTF tracepoint): loads and attaches".to_owned())
                 .map_err(describe),
         },
         HostCheck {
             name: "process events",
-            result: ProcessEvents::load(settings.max_targets).map_or_else(
+            result: ProcessEvents::load(
+                &mut loader,
+                settings.max_targets,
+                &globals.task_tgid_offset,
+            )
+            .map_or_else(
                 |error| Err(describe(error)),
                 |events| {
                     Ok(if events.fork_events() {

@@ -5,7 +5,7 @@
 //! when an object is loaded: with debug logging off for the `rover_agent::bpf` target, the
 //! `LOG_DEBUG` global is 0 and the verifier removes every log statement.
 
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use aya_log::EbpfLogger;
 use tracing::debug;
 
@@ -15,11 +15,6 @@ const TARGET: &str = "rover_agent::bpf::kernel";
 /// Whether the programs should log (read at load time).
 pub(super) fn debug_enabled() -> bool {
     tracing::enabled!(target: TARGET, tracing::Level::DEBUG)
-}
-
-/// Sets the `LOG_DEBUG` global of an object being loaded.
-pub(super) fn configure<'a>(loader: &mut EbpfLoader<'a>, enabled: &'a u8) {
-    loader.override_global("LOG_DEBUG", enabled, false);
 }
 
 /// Forwards aya-log records (which arrive through the `log` facade's trait) to tracing.

@@ -11,6 +11,7 @@ mod error;
 mod events;
 mod host;
 mod kernel_btf;
+mod loader;
 mod log;
 mod memory;
 mod object;

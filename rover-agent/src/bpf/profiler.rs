@@ -72,8 +72,13 @@ pub(super) struct Profiler {
 }
 
 impl Profiler {
-    /// Loads the profiler and attaches its programs; it records nothing until given targets.
-    pub fn load(kind: ProfilerKind, settings: &ProfilerSettings) -> Result<Self, Error> {
+    /// Loads the profiler with `loader` (see `loader.rs`) and attaches its programs; it records
+    /// nothing until given targets.
+    pub fn load(
+        kind: ProfilerKind,
+        settings: &ProfilerSettings,
+        loader: &mut EbpfLoader<'_>,
+    ) -> Result<Self, Error> {
         super::privilege::require()?;
         let cpus = online_cpus().map_err(|(path, source)| Error::OnlineCpus { path, source })?;
         let capacity = settings.capacity(kind, cpus.len() as u32);
@@ -82,30 +87,12 @@ impl Profiler {
             ProfilerKind::OnCpu => object::oncpu()?,
             ProfilerKind::OffCpu => object::offcpu()?,
         };
-        let log_debug = u8::from(super::log::debug_enabled());
-        let p = settings.off_cpu_sample_probability;
-        let sample_all = u8::from(p >= 1.0);
-        // Kept when a uniform u32 is below p × 2^32.
-        let threshold = (p * 4_294_967_296.0).min(f64::from(u32::MAX)) as u32;
-        let mut loader = EbpfLoader::new();
-        loader
-            // Rust eBPF carries no CO-RE relocations: the kernel's BTF would only cost memory.
-            .btf(None)
-            .map_max_entries("TARGETS", settings.max_targets);
+        loader.map_max_entries("TARGETS", settings.max_targets);
         for names in GENERATION_NAMES {
             loader
                 .map_max_entries(names.counts, capacity.aggregates)
                 .map_max_entries(names.user_stacks, capacity.user_stacks)
                 .map_max_entries(names.kernel_stacks, capacity.kernel_stacks);
-        }
-        super::log::configure(&mut loader, &log_debug);
-        if kind == ProfilerKind::OffCpu {
-            loader
-                .override_global("SAMPLE_ALL", &sample_all, true)
-                .override_global("SAMPLE_THRESHOLD", &threshold, true)
-                // THREADS is task-local storage, which aya creates but has no type for (the
-                // program alone uses it).
-                .allow_unsupported_maps();
         }
         let mut ebpf = loader
             .load(bytes)
