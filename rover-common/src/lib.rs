@@ -4,7 +4,7 @@
 //! bytes. No `bool` (its bit patterns are not all valid), sizes asserted at compile time.
 #![no_std]
 
-/// Deepest user stack recorded; deeper stacks are truncated (marked and counted).
+/// Deepest user stack recorded; deeper stacks are truncated (counted, and marked by the agent).
 pub const MAX_USER_FRAMES: usize = 127;
 
 /// Deepest kernel stack recorded (kernel stacks are far shallower than user ones; capturing
@@ -33,13 +33,10 @@ pub struct StackKey {
 
 /// `StackKey::flags`: the off-CPU episode was involuntary (preempted while runnable).
 pub const STACK_FLAG_PREEMPTED: u32 = 1;
-/// `StackKey::flags`: the user stack was deeper than [`MAX_USER_FRAMES`]; its root end is cut.
-pub const STACK_FLAG_USER_TRUNCATED: u32 = 2;
-/// `StackKey::flags`: the kernel stack was deeper than [`MAX_KERNEL_FRAMES`].
-pub const STACK_FLAG_KERNEL_TRUNCATED: u32 = 4;
 
 /// A captured user stack, innermost frame first: `frames[0]` is the interrupted instruction
 /// (on-CPU) or the innermost return address; `len` of the frames are valid, the rest is stale.
+/// A stack of [`MAX_USER_FRAMES`] was cut there (deeper ones are not told apart).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct UserStack {
@@ -162,7 +159,7 @@ pub mod counter {
     /// Samples of threads without user space (kernel threads).
     pub const KERNEL_ONLY: u32 = 6;
     /// Stacks deeper than `MAX_USER_FRAMES` (user) or `MAX_KERNEL_FRAMES` (kernel), kept
-    /// truncated (and marked: `STACK_FLAG_*_TRUNCATED`).
+    /// truncated (user space tells them by their length).
     pub const STACK_TRUNCATED: u32 = 7;
     /// Off-CPU: a switch-out could not be recorded because per-thread state could not be
     /// allocated.

@@ -64,8 +64,8 @@ macro_rules! profiler_maps {
         static COUNTERS: aya_ebpf::maps::PerCpuArray<u64> =
             aya_ebpf::maps::PerCpuArray::with_max_entries(rover_common::counter::SLOTS, 0);
         #[aya_ebpf::macros::map]
-        static LOG_LIMIT: aya_ebpf::maps::PerCpuArray<u64> =
-            aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+        static LOG_STATE: aya_ebpf::maps::PerCpuArray<u64> =
+            aya_ebpf::maps::PerCpuArray::with_max_entries($crate::LOG_SLOTS, 0);
         #[aya_ebpf::macros::map]
         static SCRATCH: aya_ebpf::maps::PerCpuArray<rover_common::UserStack> =
             aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
@@ -106,10 +106,34 @@ macro_rules! profiler_maps {
         fn rare_log(epoch: u64) -> $crate::RareLog<'static> {
             $crate::RareLog {
                 enabled: LOG_DEBUG.load() != 0,
-                limit: &LOG_LIMIT,
+                state: &LOG_STATE,
                 counters: &COUNTERS,
                 epoch,
             }
+        }
+
+        /// Logs the stacks this program run could not store (noted by the stack stores in
+        /// `LOG_STATE`), if debug logging is on.
+        #[inline(always)]
+        fn log_lost_stacks<C: aya_ebpf::EbpfContext>(ctx: &C, epoch: u64, tgid: u32) {
+            let log = rare_log(epoch);
+            if !log.enabled {
+                return;
+            }
+            let Some(lost) = $crate::take_lost_stacks(&LOG_STATE) else {
+                return;
+            };
+            $crate::rare_debug!(
+                log,
+                ctx,
+                "stack map full: process {} lost a stack ({})",
+                tgid,
+                if lost & $crate::LOST_USER_STACK != 0 {
+                    "user"
+                } else {
+                    "kernel"
+                }
+            );
         }
 
         /// `TP_PROTO(struct task_struct *p, bool group_dead)`: the last thread of a process
@@ -151,6 +175,7 @@ macro_rules! with_generation {
                 user_stacks: &USER_STACKS_0,
                 kernel_stacks: &KERNEL_STACKS_0,
                 counters: &COUNTERS,
+                log_state: &LOG_STATE,
             };
             $body
         } else {
@@ -161,6 +186,7 @@ macro_rules! with_generation {
                 user_stacks: &USER_STACKS_1,
                 kernel_stacks: &KERNEL_STACKS_1,
                 counters: &COUNTERS,
+                log_state: &LOG_STATE,
             };
             $body
         }
@@ -182,12 +208,22 @@ macro_rules! rare_debug {
 /// `counter::LOGS_SUPPRESSED`.
 const LOG_RECORDS_PER_EPOCH: u64 = 4;
 
+/// Slots of the per-CPU `LOG_STATE`: the rate limit (the epoch in the high 32 bits, the records
+/// sent in it in the low 32), and the stacks this program run could not store
+/// (`LOST_*_STACK` bits). The stores note losses in memory rather than return them: a value
+/// the code branches on later would make the verifier check everything in between once per
+/// value, logging off or not.
+pub const LOG_SLOTS: u32 = 2;
+const LOG_RATE: u32 = 0;
+const LOG_LOST_STACKS: u32 = 1;
+pub const LOST_USER_STACK: u64 = 1;
+pub const LOST_KERNEL_STACK: u64 = 2;
+
 /// The rate limit of [`rare_debug!`].
 pub struct RareLog<'a> {
     /// Set at load time: false makes [`allowed`](Self::allowed) a constant the verifier prunes.
     pub enabled: bool,
-    /// Per CPU: the epoch (high 32 bits) and the records sent in it (low 32 bits).
-    pub limit: &'a PerCpuArray<u64>,
+    pub state: &'a PerCpuArray<u64>,
     pub counters: &'a PerCpuArray<u64>,
     pub epoch: u64,
 }
@@ -198,7 +234,7 @@ impl RareLog<'_> {
         if !self.enabled {
             return false;
         }
-        let Some(slot) = self.limit.get_ptr_mut(0) else {
+        let Some(slot) = self.state.get_ptr_mut(LOG_RATE) else {
             return false;
         };
         // SAFETY: a per-CPU slot only this CPU touches.
@@ -214,6 +250,15 @@ impl RareLog<'_> {
         *state += 1;
         true
     }
+}
+
+/// The `LOST_*_STACK` bits noted in this program run, cleared; `None` if there are none.
+#[inline(always)]
+pub fn take_lost_stacks(state: &PerCpuArray<u64>) -> Option<u64> {
+    let slot = state.get_ptr_mut(LOG_LOST_STACKS)?;
+    // SAFETY: a per-CPU slot only this CPU touches.
+    let lost = unsafe { core::mem::replace(&mut *slot, 0) };
+    (lost != 0).then_some(lost)
 }
 
 /// Adds `n` to the per-CPU counter `index`. Per-CPU slots need no atomics: a program never
@@ -355,12 +400,12 @@ fn stack_reference(hash: u64) -> u64 {
 const KERNEL_SEED: u64 = 0x6b65_726e_656c;
 const USER_SEED: u64 = 0x7573_6572;
 
-/// What a capture left in its buffer.
+/// What a capture left in its buffer. A stack cut at the maximum depth is not marked here: its
+/// length tells user space (a flag would double the verifier's work on everything after it).
 #[derive(Clone, Copy)]
 pub enum Captured {
-    /// A stack, the reference it will be stored under, and whether it was cut at the maximum
-    /// depth.
-    Stack { reference: u64, truncated: bool },
+    /// A stack, and the reference it will be stored under.
+    Stack(u64),
     /// The task has no such stack (no user space in a kernel thread).
     Absent,
     /// Capturing failed (counted).
@@ -372,34 +417,19 @@ impl Captured {
     #[inline(always)]
     pub fn reference(self) -> u64 {
         match self {
-            Self::Stack { reference, .. } => reference,
+            Self::Stack(reference) => reference,
             Self::Absent => NO_STACK,
             Self::Lost => LOST_STACK,
         }
     }
 
-    /// `flag` if the stack was truncated, else 0.
-    #[inline(always)]
-    pub fn truncation(self, flag: u32) -> u32 {
-        match self {
-            Self::Stack {
-                truncated: true, ..
-            } => flag,
-            _ => 0,
-        }
-    }
-
-    /// What a stack [`reference`](Self::reference) says was captured (truncation is kept
-    /// apart, in the flags).
+    /// What a stack [`reference`](Self::reference) says was captured.
     #[inline(always)]
     pub fn from_reference(reference: u64) -> Self {
         match reference {
             NO_STACK => Self::Absent,
             LOST_STACK => Self::Lost,
-            reference => Self::Stack {
-                reference,
-                truncated: false,
-            },
+            reference => Self::Stack(reference),
         }
     }
 }
@@ -413,6 +443,8 @@ pub struct StackStore<'a> {
     pub user_stacks: &'a HashMap<u64, UserStack>,
     pub kernel_stacks: &'a HashMap<u64, KernelStack>,
     pub counters: &'a PerCpuArray<u64>,
+    /// Where losses are noted for the run's debug log (see [`LOG_SLOTS`]).
+    pub log_state: &'a PerCpuArray<u64>,
 }
 
 impl StackStore<'_> {
@@ -454,14 +486,10 @@ impl StackStore<'_> {
             return Captured::Lost;
         }
         trace.len = written as u64 / 8;
-        let truncated = trace.len as usize == MAX_KERNEL_FRAMES;
-        if truncated {
+        if trace.len as usize == MAX_KERNEL_FRAMES {
             count(self.counters, counter::STACK_TRUNCATED, 1);
         }
-        Captured::Stack {
-            reference: stack_reference(hash_filled_frames(trace, KERNEL_SEED)),
-            truncated,
-        }
+        Captured::Stack(stack_reference(hash_filled_frames(trace, KERNEL_SEED)))
     }
 
     /// Captures the user stack of the current task into the scratch buffer (see
@@ -476,15 +504,14 @@ impl StackStore<'_> {
     }
 
     /// Stores the kernel stack just captured in the kernel scratch buffer and returns its
-    /// reference: [`NO_STACK`], or [`LOST_STACK`] (counted) if it cannot be stored.
+    /// reference: [`NO_STACK`], or [`LOST_STACK`] (counted, and noted for the run's debug log)
+    /// if it cannot be stored.
     #[inline(always)]
-    pub fn store_kernel(&self, captured: Captured, log: &RareLog) -> u64 {
-        store(
+    pub fn store_kernel(&self, captured: Captured) -> u64 {
+        self.store(
             self.kernel_stacks,
-            self.counters,
             captured,
-            counter::KERNEL_STACK_LOST,
-            log,
+            (counter::KERNEL_STACK_LOST, LOST_KERNEL_STACK),
             || self.kernel_scratch.get(0),
         )
     }
@@ -492,72 +519,60 @@ impl StackStore<'_> {
     /// Stores the user stack just captured in the scratch buffer (see
     /// [`store_kernel`](Self::store_kernel)).
     #[inline(always)]
-    pub fn store_user(&self, captured: Captured, log: &RareLog) -> u64 {
-        store(
+    pub fn store_user(&self, captured: Captured) -> u64 {
+        self.store(
             self.user_stacks,
-            self.counters,
             captured,
-            counter::USER_STACK_LOST,
-            log,
+            (counter::USER_STACK_LOST, LOST_USER_STACK),
             || self.scratch.get(0),
         )
     }
 
     /// [`store_user`](Self::store_user) for a user stack captured into `trace`.
     #[inline(always)]
-    pub fn store_user_from(&self, captured: Captured, trace: &UserStack, log: &RareLog) -> u64 {
-        store(
+    pub fn store_user_from(&self, captured: Captured, trace: &UserStack) -> u64 {
+        self.store(
             self.user_stacks,
-            self.counters,
             captured,
-            counter::USER_STACK_LOST,
-            log,
+            (counter::USER_STACK_LOST, LOST_USER_STACK),
             || Some(trace),
         )
     }
-}
 
-/// Stores a captured stack in `stacks` under its reference (deduplicated: an equal stack is
-/// stored already) and returns the reference, or [`LOST_STACK`] counted in `lost_counter`.
-#[inline(always)]
-fn store<'t, T: 't>(
-    stacks: &HashMap<u64, T>,
-    counters: &PerCpuArray<u64>,
-    captured: Captured,
-    lost_counter: u32,
-    log: &RareLog,
-    trace: impl FnOnce() -> Option<&'t T>,
-) -> u64 {
-    let reference = match captured {
-        Captured::Stack { reference, .. } => reference,
-        Captured::Absent => return NO_STACK,
-        Captured::Lost => return LOST_STACK,
-    };
-    if stacks.get_ptr(reference).is_some() {
-        return reference;
-    }
-    let Some(trace) = trace() else {
-        return LOST_STACK;
-    };
-    // By reference: the map copies the value (1 KiB does not fit on the BPF stack).
-    match stacks.insert(reference, trace, BPF_NOEXIST.into()) {
-        Ok(()) => reference,
-        Err(error) if error == -EEXIST => reference,
-        Err(error) => {
-            count(counters, lost_counter, 1);
-            // aya-log (=0.2.0) ignores the context argument: none is at hand here.
-            rare_debug!(
-                log,
-                &(),
-                "stack map insert failed (error {}): a {} stack is lost",
-                error,
-                if lost_counter == counter::KERNEL_STACK_LOST {
-                    "kernel"
-                } else {
-                    "user"
+    /// Stores a captured stack in `stacks` under its reference (deduplicated: an equal stack
+    /// is stored already) and returns the reference, or [`LOST_STACK`]: counted in the
+    /// counter, and noted with the bit for the run's debug log, of `lost`.
+    #[inline(always)]
+    fn store<'t, T: 't>(
+        &self,
+        stacks: &HashMap<u64, T>,
+        captured: Captured,
+        (lost_counter, lost_bit): (u32, u64),
+        trace: impl FnOnce() -> Option<&'t T>,
+    ) -> u64 {
+        let reference = match captured {
+            Captured::Stack(reference) => reference,
+            Captured::Absent => return NO_STACK,
+            Captured::Lost => return LOST_STACK,
+        };
+        if stacks.get_ptr(reference).is_some() {
+            return reference;
+        }
+        let Some(trace) = trace() else {
+            return LOST_STACK;
+        };
+        // By reference: the map copies the value (1 KiB does not fit on the BPF stack).
+        match stacks.insert(reference, trace, BPF_NOEXIST.into()) {
+            Ok(()) => reference,
+            Err(error) if error == -EEXIST => reference,
+            Err(_) => {
+                count(self.counters, lost_counter, 1);
+                if let Some(lost) = self.log_state.get_ptr_mut(LOG_LOST_STACKS) {
+                    // SAFETY: a per-CPU slot only this CPU touches.
+                    unsafe { *lost |= lost_bit };
                 }
-            );
-            LOST_STACK
+                LOST_STACK
+            }
         }
     }
 }
@@ -606,15 +621,11 @@ pub fn capture_user_into(
         }
         frame_pointer = next_frame_pointer;
     }
-    let truncated = len == MAX_USER_FRAMES;
-    if truncated {
+    if len == MAX_USER_FRAMES {
         count(counters, counter::STACK_TRUNCATED, 1);
     }
     trace.len = len as u64;
-    Captured::Stack {
-        reference: stack_reference(hash),
-        truncated,
-    }
+    Captured::Stack(stack_reference(hash))
 }
 
 struct UserRegisters {

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod setup;
+mod soak;
 mod workloads;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,12 @@ enum Task {
         #[command(subcommand)]
         bench: bench::Bench,
     },
+    /// Profile every process for minutes while short-lived processes come and go: memory,
+    /// descriptors, map entries and programs must not grow. Not part of `test`.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Demo { output } => demo::run_demo(&output),
         Task::Bench { bench } => bench::run(bench),
+        Task::Soak { minutes } => soak::run(minutes),
     }
 }
 

@@ -38,3 +38,18 @@ pub(crate) fn build_agent() -> anyhow::Result<PathBuf> {
     run(crate::cargo(&root).args(["build", "--release", "-p", "rover-agent"]))?;
     Ok(root.join("target/release/rover-agent"))
 }
+
+/// Builds the agent harness (tests/src/bin/agent-harness.rs: the agent through its library API,
+/// for the benchmarks that need a long-lived agent) and returns the binary's path.
+pub(crate) fn build_harness() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    run(crate::cargo(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "integration-tests",
+        "--bin",
+        "agent-harness",
+    ]))?;
+    Ok(root.join("target/release/agent-harness"))
+}

@@ -29,8 +29,8 @@ use std::io;
 use aya::Pod;
 use aya::maps::{Array, HashMap, MapData};
 use rover_common::{
-    KernelStack, LOST_STACK, NO_STACK, STACK_FLAG_KERNEL_TRUNCATED, STACK_FLAG_PREEMPTED,
-    STACK_FLAG_USER_TRUNCATED, StackKey, UserStack, control,
+    KernelStack, LOST_STACK, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, NO_STACK, STACK_FLAG_PREEMPTED,
+    StackKey, UserStack, control,
 };
 use tracing::warn;
 
@@ -52,12 +52,13 @@ impl<V> Drained<V> {
         self.flags & STACK_FLAG_PREEMPTED != 0
     }
 
+    /// A stack as deep as the programs record was cut there (deeper ones are not told apart).
     pub fn user_truncated(&self) -> bool {
-        self.flags & STACK_FLAG_USER_TRUNCATED != 0
+        matches!(&self.user, RawFrames::Captured(frames) if frames.len() >= MAX_USER_FRAMES)
     }
 
     pub fn kernel_truncated(&self) -> bool {
-        self.flags & STACK_FLAG_KERNEL_TRUNCATED != 0
+        matches!(&self.kernel, RawFrames::Captured(frames) if frames.len() >= MAX_KERNEL_FRAMES)
     }
 }
 

@@ -12,7 +12,7 @@ use super::collector::{self, CollectorNotice, Message, TaskState};
 use super::stacks::Values;
 use super::{AgentConfig, TaskNotice, TaskSpec, TaskSummary, WindowSink, watcher};
 use crate::bpf::{Engine, EngineStatus, RecordingId, RecordingSpec, Targets};
-use crate::symbolize::ProcessTable;
+use crate::symbolize::{ProcessTable, ProcessTableStats};
 
 /// The long-lived profiling agent. Tasks start and stop on it at any time; each profiler is
 /// loaded while a task needs it. Dropping the agent stops every task (their last windows are
@@ -131,6 +131,11 @@ impl Agent {
     /// What the engine holds now.
     pub async fn status(&self) -> anyhow::Result<EngineStatus> {
         Ok(self.engine.status().await?)
+    }
+
+    /// What the process table holds now (snapshots of live and exited processes, open files).
+    pub fn processes(&self) -> ProcessTableStats {
+        self.processes.stats()
     }
 }
 

@@ -25,8 +25,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use rover_common::{
-    FIRST_STACK_HASH, OffCpuThread, OffCpuValue, STACK_FLAG_KERNEL_TRUNCATED, STACK_FLAG_PREEMPTED,
-    STACK_FLAG_USER_TRUNCATED, StackKey, TARGET_EXCLUDE_PREEMPT, counter,
+    FIRST_STACK_HASH, OffCpuThread, OffCpuValue, STACK_FLAG_PREEMPTED, StackKey,
+    TARGET_EXCLUDE_PREEMPT, counter,
 };
 use rover_ebpf::{
     Captured, TaskStorage, atomic_add, capture_user_into, count, epoch, get_or_insert, rare_debug,
@@ -67,7 +67,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     // switched out (its CPU time stopped before the tracepoint) and not of the one switched in
     // (its CPU time starts after it), so `next`'s episode ends and `prev`'s starts when the
     // first of them needs the clock (read lazily: most switches involve no target at all).
-    let now = switch_in(next);
+    let now = switch_in(&ctx, next);
     switch_out(&ctx, preempt & 1 != 0, prev_state & 0xffff_ffff, now);
     0
 }
@@ -83,7 +83,7 @@ fn store_once(
     last_epoch: &mut u32,
     store: impl FnOnce(Captured) -> u64,
 ) -> u64 {
-    if let Captured::Stack { reference, .. } = captured
+    if let Captured::Stack(reference) = captured
         && reference == *last
         && epoch == *last_epoch
     {
@@ -100,7 +100,7 @@ fn store_once(
 /// Closes the open episode of the task being switched in, if it has one; returns the time it
 /// read then.
 #[inline(always)]
-fn switch_in(next: *mut task_struct) -> Option<u64> {
+fn switch_in(ctx: &BtfTracePointContext, next: *mut task_struct) -> Option<u64> {
     // SAFETY: `next` is the tracepoint's trusted task pointer.
     let thread = unsafe { THREADS.get(next) }?;
     // SAFETY: a valid map value; only this task's own switches write it, and the scheduler
@@ -118,14 +118,14 @@ fn switch_in(next: *mut task_struct) -> Option<u64> {
         return Some(now);
     }
     let epoch = epoch(&CONTROL);
-    let log = rare_log(epoch);
+    let user = Captured::from_reference(thread.user_stack);
     rover_ebpf::with_generation!(epoch, |counts, store| {
         let user_stack = store_once(
-            Captured::from_reference(thread.user_stack),
+            user,
             epoch as u32,
             &mut thread.last_user_stack,
             &mut thread.last_user_epoch,
-            |captured| store.store_user_from(captured, &thread.user_frames, &log),
+            |captured| store.store_user_from(captured, &thread.user_frames),
         );
         // SAFETY: `next` is the tracepoint's trusted task pointer, and not running yet.
         let kernel = unsafe { store.capture_kernel_of(next) };
@@ -134,11 +134,11 @@ fn switch_in(next: *mut task_struct) -> Option<u64> {
             epoch as u32,
             &mut thread.last_kernel_stack,
             &mut thread.last_kernel_epoch,
-            |captured| store.store_kernel(captured, &log),
+            |captured| store.store_kernel(captured),
         );
         let key = StackKey {
             tgid: thread.tgid,
-            flags: thread.flags | kernel.truncation(STACK_FLAG_KERNEL_TRUNCATED),
+            flags: thread.flags,
             user_stack,
             kernel_stack,
         };
@@ -161,6 +161,7 @@ fn switch_in(next: *mut task_struct) -> Option<u64> {
             None => count(&COUNTERS, counter::AGGREGATE_FULL, 1),
         }
     });
+    log_lost_stacks(ctx, epoch, thread.tgid);
     Some(now)
 }
 
@@ -229,8 +230,7 @@ fn switch_out(ctx: &BtfTracePointContext, preempt: bool, state: u64, now: Option
         // SAFETY: plain helper.
         unsafe { bpf_ktime_get_ns() }
     };
-    let user = capture_user_into(&mut thread.user_frames, None, &COUNTERS);
-    thread.user_stack = user.reference();
+    thread.user_stack = capture_user_into(&mut thread.user_frames, None, &COUNTERS).reference();
     thread.capture_ns = if sample_all {
         0
     } else {
@@ -238,8 +238,7 @@ fn switch_out(ctx: &BtfTracePointContext, preempt: bool, state: u64, now: Option
         let capture_end = unsafe { bpf_ktime_get_ns() };
         capture_end - capture_start
     };
-    let preempted_flag = if preempted { STACK_FLAG_PREEMPTED } else { 0 };
-    thread.flags = preempted_flag | user.truncation(STACK_FLAG_USER_TRUNCATED);
+    thread.flags = if preempted { STACK_FLAG_PREEMPTED } else { 0 };
     thread.min_block_ns = options.min_block_ns;
     if thread.start_ns != 0 {
         // Still open: the switch-in that ended it was never seen (rare, see

@@ -4,9 +4,7 @@
 #![no_main]
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::perf_event, programs::PerfEventContext};
-use rover_common::{
-    NO_STACK, STACK_FLAG_KERNEL_TRUNCATED, STACK_FLAG_USER_TRUNCATED, StackKey, counter,
-};
+use rover_common::{NO_STACK, StackKey, counter};
 use rover_ebpf::{atomic_add, count, epoch, get_or_insert};
 
 rover_ebpf::profiler_maps!(u64);
@@ -36,22 +34,20 @@ fn sample(ctx: &PerfEventContext) {
     let regs = unsafe { core::ptr::read_volatile(&raw const (*ctx.ctx).regs) };
     let regs = &regs;
     let epoch = epoch(&CONTROL);
-    let log = rare_log(epoch);
     rover_ebpf::with_generation!(epoch, |counts, store| {
-        let (kernel_stack, kernel_flags) = if regs.cs & 3 == 0 {
+        // The user stack walk (the long loop) first: little is live across it then, which
+        // keeps the verifier's work (and the load time) down.
+        let user = store.capture_user(Some(regs));
+        let kernel_stack = if regs.cs & 3 == 0 {
             let captured = store.capture_kernel(ctx);
-            (
-                store.store_kernel(captured, &log),
-                captured.truncation(STACK_FLAG_KERNEL_TRUNCATED),
-            )
+            store.store_kernel(captured)
         } else {
-            (NO_STACK, 0)
+            NO_STACK
         };
-        let captured = store.capture_user(Some(regs));
-        let user_stack = store.store_user(captured, &log);
+        let user_stack = store.store_user(user);
         let key = StackKey {
             tgid,
-            flags: kernel_flags | captured.truncation(STACK_FLAG_USER_TRUNCATED),
+            flags: 0,
             user_stack,
             kernel_stack,
         };
@@ -64,6 +60,7 @@ fn sample(ctx: &PerfEventContext) {
             None => count(&COUNTERS, counter::AGGREGATE_FULL, 1),
         }
     });
+    log_lost_stacks(ctx, epoch, tgid);
 }
 
 #[unsafe(link_section = "license")]

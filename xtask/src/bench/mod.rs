@@ -1,6 +1,7 @@
 //! `cargo xtask bench ...`: overhead figures measured side by side with reference tools in one
 //! run, printed as ratios. Benchmarks print; they never pass or fail on a threshold.
 
+mod idle;
 mod offcpu;
 mod oncpu;
 
@@ -19,6 +20,13 @@ pub(crate) enum Bench {
         seconds: u64,
         #[arg(long, default_value_t = 99)]
         frequency: u64,
+    },
+    /// The agent with no task: programs attached, CPU and memory, before any task and after
+    /// tasks came and went.
+    Idle {
+        /// Length of each idle phase.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
     },
     /// Off-CPU profiling of a pinned ping-pong (about a million switches per second):
     /// rover-agent exact, sampled and targeting another process, against bpftrace.
@@ -39,6 +47,7 @@ pub(crate) fn run(bench: Bench) -> anyhow::Result<()> {
     let _lock = machine_lock()?;
     match bench {
         Bench::Oncpu { seconds, frequency } => oncpu::run(seconds, frequency),
+        Bench::Idle { seconds } => idle::run(seconds),
         Bench::Offcpu {
             seconds,
             repetitions,
@@ -128,6 +137,65 @@ pub(super) fn program_time(pid: u32) -> Option<ProgramTime> {
     found.then_some(total)
 }
 
+/// What a running process holds and has spent, read from `/proc/PID`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ProcessSample {
+    /// User + system CPU time so far.
+    pub cpu: Duration,
+    pub rss_kib: u64,
+    /// Peak RSS so far.
+    pub peak_rss_kib: u64,
+    pub fds: usize,
+    /// eBPF programs it holds (each once, however many descriptors refer to it).
+    pub programs: usize,
+}
+
+pub(crate) fn sample_process(pid: u32) -> anyhow::Result<ProcessSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |index: usize| {
+        fields
+            .get(index - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let cpu = Duration::from_millis((ticks(14) + ticks(15)) * 1000 / per_second);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|value| value.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let mut programs = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if let Some(id) = text.lines().find_map(|line| line.strip_prefix("prog_id:")) {
+            programs.insert(id.trim().to_owned());
+        }
+    }
+    Ok(ProcessSample {
+        cpu,
+        rss_kib: kib("VmRSS:"),
+        peak_rss_kib: kib("VmHWM:"),
+        fds,
+        programs: programs.len(),
+    })
+}
+
 /// Sets `kernel.bpf_stats_enabled` for the benchmark and restores it afterwards.
 pub(super) struct BpfStats {
     previous: String,
@@ -173,7 +241,7 @@ impl Drop for KillOnDrop {
 
 /// The lock the integration tests take around whatever loads BPF or measures the machine
 /// (tests/src/lib.rs): a benchmark beside them would measure their load, and disturb them.
-fn machine_lock() -> anyhow::Result<std::fs::File> {
+pub(crate) fn machine_lock() -> anyhow::Result<std::fs::File> {
     let path = std::env::temp_dir().join("rover-rs-integration-tests.lock");
     let file =
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
