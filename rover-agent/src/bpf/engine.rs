@@ -557,6 +557,9 @@ impl<'g> EngineThread<'g> {
             // Dropping the object detaches its programs and frees its maps.
             self.profilers.remove(&kind);
             info!(profiler = kind.name(), "profiler unloaded");
+            // Loading it (and the off-CPU profiler's kernel BTF) used memory for a moment.
+            // SAFETY: glibc's malloc_trim only walks its own heap.
+            unsafe { libc::malloc_trim(0) };
         }
         for &pid in recording.pids.iter().chain(recording.leaving.keys()) {
             self.unwatch_if_unheld(pid);

@@ -253,6 +253,18 @@ impl ProcessTable {
         self.lock().processes.contains_key(&pid)
     }
 
+    /// Forgets every process and closes every file: nothing is profiled any more. Returns
+    /// whether there was anything to forget.
+    pub fn clear(&self) -> bool {
+        let mut state = self.lock();
+        let had = !state.processes.is_empty() || !state.files.is_empty();
+        state.processes = HashMap::new();
+        state.files = HashMap::new();
+        state.unusable = HashSet::new();
+        state.unswept = false;
+        had
+    }
+
     pub fn stats(&self) -> ProcessTableStats {
         let state = self.lock();
         ProcessTableStats {

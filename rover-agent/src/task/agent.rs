@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tracing::error;
 
-use super::collector::{self, CollectorNotice, Message, TaskState};
+use super::collector::{self, ActiveTasks, CollectorNotice, Message, TaskState};
 use super::stacks::Values;
 use super::{AgentConfig, TaskNotice, TaskSpec, TaskSummary, WindowSink, watcher};
 use crate::bpf::{Engine, EngineStatus, RecordingId, RecordingSpec, Targets};
@@ -20,6 +20,7 @@ use crate::symbolize::{ProcessTable, ProcessTableStats};
 pub struct Agent {
     config: AgentConfig,
     processes: ProcessTable,
+    active: ActiveTasks,
     collector: mpsc::Sender<Message>,
     engine: Engine,
     threads: Vec<JoinHandle<()>>,
@@ -39,16 +40,23 @@ pub struct Task {
 impl Agent {
     /// Starts the agent's threads; nothing is loaded into the kernel until a task starts.
     pub fn start(config: AgentConfig) -> anyhow::Result<Self> {
+        // One heap for the agent's few threads: glibc's per-thread arenas keep what a thread
+        // freed (a profiler's load, a task's symbol caches) out of reach of malloc_trim, so an
+        // agent back to idle would keep the memory of its busiest moment.
+        // SAFETY: mallopt only sets an allocator parameter.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
         let processes = ProcessTable::new(config.exited_process_grace);
+        let active = ActiveTasks::default();
         let (collector, collected) = mpsc::channel();
         let (watched, to_watch) = mpsc::channel();
         let mut threads = Vec::new();
         let symbolizer = config.symbolizer.clone();
         let table = processes.clone();
+        let tasks = active.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("rover-collector".to_owned())
-                .spawn(move || collector::run(collected, symbolizer, table))
+                .spawn(move || collector::run(collected, symbolizer, table, tasks))
                 .context("starting the collector thread")?,
         );
         let table = processes.clone();
@@ -72,6 +80,7 @@ impl Agent {
         Ok(Self {
             config,
             processes,
+            active,
             collector,
             engine,
             threads,
@@ -84,16 +93,40 @@ impl Agent {
         spec: TaskSpec,
         sink: Box<dyn WindowSink>,
     ) -> anyhow::Result<Task> {
-        let pids = match &spec.targets {
-            Targets::Pids(pids) => {
-                // Snapshotted now, while they surely live.
-                for &pid in pids {
-                    self.processes.capture(pid);
+        let pids = {
+            let mut active = self
+                .active
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the collector thread panicked"))?;
+            *active += 1;
+            match &spec.targets {
+                Targets::Pids(pids) => {
+                    // Snapshotted now, while they surely live.
+                    for &pid in pids {
+                        self.processes.capture(pid);
+                    }
+                    Some(Arc::new(Mutex::new(pids.iter().copied().collect())))
                 }
-                Some(Arc::new(Mutex::new(pids.iter().copied().collect())))
+                Targets::All => None,
             }
-            Targets::All => None,
         };
+        match self.record(spec, sink, pids).await {
+            Ok(task) => Ok(task),
+            Err(error) => {
+                if let Ok(mut active) = self.active.lock() {
+                    *active = active.saturating_sub(1);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn record(
+        &self,
+        spec: TaskSpec,
+        sink: Box<dyn WindowSink>,
+        pids: Option<Arc<Mutex<HashSet<u32>>>>,
+    ) -> anyhow::Result<Task> {
         let values = Values::new(
             spec.kind,
             self.config.profilers.frequency_hz,

@@ -3,7 +3,7 @@
 //! must stay on one thread) and retires exited processes from it.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -88,12 +88,18 @@ impl TaskState {
     }
 }
 
+/// The number of tasks started and not ended; under its lock, a task starting snapshots its
+/// processes, and the collector, finding none running, forgets every process.
+pub(super) type ActiveTasks = Arc<Mutex<usize>>;
+
 pub(super) fn run(
     messages: mpsc::Receiver<Message>,
     config: SymbolizerConfig,
     processes: ProcessTable,
+    active: ActiveTasks,
 ) {
-    let mut symbolizer = Symbolizer::new(config, processes.clone());
+    // Made for the first stack, dropped (with its caches) when no task runs.
+    let mut symbolizer: Option<Symbolizer> = None;
     let mut tasks: HashMap<RecordingId, Box<TaskState>> = HashMap::new();
     let mut early: HashMap<RecordingId, Vec<Delivery>> = HashMap::new();
     let mut last_retire = Instant::now();
@@ -107,13 +113,17 @@ pub(super) fn run(
             Some(Message::Register { recording, task }) => {
                 tasks.insert(recording, task);
                 for delivery in early.remove(&recording).unwrap_or_default() {
-                    handle(&mut symbolizer, &processes, &mut tasks, delivery);
+                    let symbolizer = symbolizer
+                        .get_or_insert_with(|| Symbolizer::new(config.clone(), processes.clone()));
+                    handle(symbolizer, &processes, &mut tasks, &active, delivery);
                 }
             }
             Some(Message::Delivery(delivery)) => {
                 let recording = recording_of(&delivery);
                 if tasks.contains_key(&recording) {
-                    handle(&mut symbolizer, &processes, &mut tasks, delivery);
+                    let symbolizer = symbolizer
+                        .get_or_insert_with(|| Symbolizer::new(config.clone(), processes.clone()));
+                    handle(symbolizer, &processes, &mut tasks, &active, delivery);
                 } else {
                     // Delivered before the task registered (it registers once the engine has
                     // given its id).
@@ -124,12 +134,38 @@ pub(super) fn run(
         }
         if last_retire.elapsed() >= RETIRE_EVERY {
             let retired = processes.retire(Instant::now());
-            if retired > 0 {
+            if retired > 0
+                && let Some(symbolizer) = &mut symbolizer
+            {
                 symbolizer.retire();
                 debug!(retired, "retired exited processes");
             }
             last_retire = Instant::now();
         }
+        if tasks.is_empty() && early.is_empty() {
+            forget_everything_if_idle(&active, &processes, &mut symbolizer);
+        }
+    }
+}
+
+/// With no task running, nothing symbolized now will be needed: an idle agent holds no
+/// snapshot, open file or symbol cache, and gives the memory back.
+fn forget_everything_if_idle(
+    active: &ActiveTasks,
+    processes: &ProcessTable,
+    symbolizer: &mut Option<Symbolizer>,
+) {
+    let Ok(active) = active.lock() else {
+        return;
+    };
+    if *active > 0 {
+        return;
+    }
+    let had_symbolizer = symbolizer.take().is_some();
+    if processes.clear() || had_symbolizer {
+        debug!("no task runs: process snapshots and symbol caches dropped");
+        // SAFETY: glibc's malloc_trim only walks its own heap.
+        unsafe { libc::malloc_trim(0) };
     }
 }
 
@@ -147,6 +183,7 @@ fn handle(
     symbolizer: &mut Symbolizer,
     processes: &ProcessTable,
     tasks: &mut HashMap<RecordingId, Box<TaskState>>,
+    active: &ActiveTasks,
     delivery: Delivery,
 ) {
     let recording = recording_of(&delivery);
@@ -196,6 +233,9 @@ fn handle(
                 sink_errors: task.sink_errors,
             };
             let _ = task.notices.send(CollectorNotice::Ended(Box::new(summary)));
+            if let Ok(mut active) = active.lock() {
+                *active = active.saturating_sub(1);
+            }
         }
     }
 }
