@@ -54,8 +54,12 @@ pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
         "minute", "RSS (MiB)", "CPU", "fds", "programs"
     );
     let mut last_cpu = (started, sample_process(pid)?.cpu);
-    while Instant::now() < end {
-        if Instant::now() >= next_spawn {
+    // Until the agent's last minute is reported (it reports a little after each minute).
+    while rows.len() < minutes as usize {
+        if Instant::now() > end + Duration::from_secs(30) {
+            bail!("the agent stopped reporting after {} minute(s)", rows.len());
+        }
+        if Instant::now() >= next_spawn && Instant::now() < end {
             children.push(
                 Command::new(&churn)
                     .arg("0.02")

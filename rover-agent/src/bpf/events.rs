@@ -45,6 +45,7 @@ impl ProcessEvents {
         max_watched: u32,
         tgid_offset: &Result<u32, String>,
     ) -> Result<Self, Error> {
+        super::privilege::require()?;
         let forks = match tgid_offset {
             Ok(_) => true,
             Err(problem) => {

@@ -9,8 +9,9 @@ use crate::bpf::ProcessEvent;
 use crate::symbolize::ProcessTable;
 
 /// An exec is reported once the new image is mapped, before the dynamic loader maps its
-/// libraries: the process is snapshotted again this much later, if it still runs.
-const AFTER_LOADER: Duration = Duration::from_millis(20);
+/// libraries (which takes about a millisecond): the process is snapshotted again this much
+/// later, if it still runs.
+const AFTER_LOADER: Duration = Duration::from_millis(5);
 
 pub(super) fn run(events: mpsc::Receiver<ProcessEvent>, processes: ProcessTable) {
     let mut recaptures: VecDeque<(Instant, u32)> = VecDeque::new();

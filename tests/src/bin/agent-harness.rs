@@ -79,8 +79,15 @@ impl WindowSink for Tally {
     }
 }
 
+/// The agent as `rover-agent profile` runs it by default.
+fn default_agent() -> anyhow::Result<Agent> {
+    let mut config = agent_config(99, Duration::from_secs(1));
+    config.exited_process_grace = Duration::from_secs(10);
+    Agent::start(config)
+}
+
 fn idle(seconds: Duration) -> anyhow::Result<()> {
-    let agent = Agent::start(agent_config(99, Duration::from_secs(1)))?;
+    let agent = default_agent()?;
     let runtime = runtime();
     println!("idle-before");
     std::thread::sleep(seconds);
@@ -120,7 +127,7 @@ fn idle(seconds: Duration) -> anyhow::Result<()> {
 }
 
 fn soak() -> anyhow::Result<()> {
-    let agent = Agent::start(agent_config(99, Duration::from_secs(1)))?;
+    let agent = default_agent()?;
     let runtime = runtime();
     let tally = Tally::default();
     let task = runtime.block_on(agent.start_task(
