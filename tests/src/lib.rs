@@ -32,6 +32,20 @@ pub fn agent_config(frequency_hz: u64, drain_interval: Duration) -> AgentConfig 
     }
 }
 
+/// A task of `kind` on `targets` with default options, handing a window every `window`.
+pub fn task_spec(
+    kind: rover_agent::bpf::ProfilerKind,
+    targets: rover_agent::bpf::Targets,
+    window: Option<Duration>,
+) -> rover_agent::task::TaskSpec {
+    rover_agent::task::TaskSpec {
+        kind,
+        targets,
+        options: rover_agent::bpf::TargetOptions::default(),
+        window,
+    }
+}
+
 /// A sink that keeps every window it is handed, for the test to read.
 #[derive(Clone, Default)]
 pub struct Windows(pub std::sync::Arc<std::sync::Mutex<Vec<ProfileWindow>>>);

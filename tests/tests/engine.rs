@@ -9,22 +9,13 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{
     Windows, agent_config, assert_near, bpf_available, function_names, machine_lock, prog_type,
-    programs_held, runtime, workload_path,
+    programs_held, runtime, task_spec, workload_path,
 };
-use rover_agent::bpf::{ProfilerKind, TargetOptions, Targets};
+use rover_agent::bpf::{ProfilerKind, Targets};
 use rover_agent::profile::Profile;
-use rover_agent::task::{Agent, ProfileWindow, TaskNotice, TaskSpec, WindowSink};
+use rover_agent::task::{Agent, ProfileWindow, TaskNotice, WindowSink};
 
 const FREQUENCY_HZ: f64 = 99.0;
-
-fn spec(kind: ProfilerKind, targets: Targets, window: Option<Duration>) -> TaskSpec {
-    TaskSpec {
-        kind,
-        targets,
-        options: TargetOptions::default(),
-        window,
-    }
-}
 
 /// A child process killed (and reaped) when dropped.
 struct Spawned(Child);
@@ -138,7 +129,7 @@ fn two_tasks_share_one_program_of_each_kind_and_each_sees_only_its_processes() {
         let started = Instant::now();
         let on_cpu = agent
             .start_task(
-                spec(
+                task_spec(
                     ProfilerKind::OnCpu,
                     Targets::Pids(vec![split.pid()]),
                     Some(Duration::from_secs(1)),
@@ -158,7 +149,7 @@ fn two_tasks_share_one_program_of_each_kind_and_each_sees_only_its_processes() {
 
         let mut off_cpu = agent
             .start_task(
-                spec(
+                task_spec(
                     ProfilerKind::OffCpu,
                     Targets::Pids(vec![sleeper.pid()]),
                     None,
@@ -319,7 +310,7 @@ fn windows_sum_to_the_kernel_count_and_each_holds_its_own_cpu_time() {
         let (cpu_before, wall_before) = (cpu_ns(busy.pid()), Instant::now());
         let task = agent
             .start_task(
-                spec(
+                task_spec(
                     ProfilerKind::OnCpu,
                     Targets::Pids(vec![busy.pid()]),
                     Some(Duration::from_secs(1)),
@@ -380,7 +371,7 @@ fn processes_that_live_less_than_a_drain_interval_are_symbolized() {
     let runtime = runtime();
     let task = runtime
         .block_on(agent.start_task(
-            spec(ProfilerKind::OnCpu, Targets::All, None),
+            task_spec(ProfilerKind::OnCpu, Targets::All, None),
             Box::new(windows.clone()),
         ))
         .expect("task of every process starts");
@@ -454,7 +445,7 @@ fn a_new_process_given_an_exited_targets_pid_is_not_recorded() {
     let (summary, unrouted) = runtime.block_on(async {
         let mut task = agent
             .start_task(
-                spec(ProfilerKind::OnCpu, Targets::Pids(vec![pid]), None),
+                task_spec(ProfilerKind::OnCpu, Targets::Pids(vec![pid]), None),
                 Box::new(windows.clone()),
             )
             .await
@@ -505,7 +496,7 @@ fn removing_and_re_adding_targets_10000_times_leaves_no_target_behind() {
     runtime().block_on(async {
         let first = agent
             .start_task(
-                spec(ProfilerKind::OnCpu, Targets::Pids(vec![pid]), None),
+                task_spec(ProfilerKind::OnCpu, Targets::Pids(vec![pid]), None),
                 Box::new(Windows::default()),
             )
             .await
@@ -513,7 +504,7 @@ fn removing_and_re_adding_targets_10000_times_leaves_no_target_behind() {
         // A second task, of no process yet, keeps the profiler loaded throughout.
         let second = agent
             .start_task(
-                spec(ProfilerKind::OnCpu, Targets::Pids(Vec::new()), None),
+                task_spec(ProfilerKind::OnCpu, Targets::Pids(Vec::new()), None),
                 Box::new(Windows::default()),
             )
             .await
@@ -577,7 +568,7 @@ fn stopping_does_not_wait_for_symbolization_or_sinks() {
     runtime().block_on(async {
         let mut task = agent
             .start_task(
-                spec(
+                task_spec(
                     ProfilerKind::OnCpu,
                     Targets::Pids(vec![busy.pid()]),
                     Some(Duration::from_millis(200)),

@@ -34,6 +34,9 @@ use super::profiler::{Profiler, ProfilerSettings};
 use super::targets::TargetOptions;
 use super::{Counters, Error, ProfilerKind, RawStack, Targets};
 
+/// The shortest flush window: each window end drains the kernel.
+const MIN_WINDOW: Duration = Duration::from_millis(10);
+
 /// Identifies a recording for the life of the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RecordingId(u64);
@@ -135,6 +138,7 @@ impl Engine {
         deliver: impl Fn(Delivery) + Send + 'static,
         process_event: impl Fn(ProcessEvent) + Send + 'static,
     ) -> Result<Self, Error> {
+        settings.validate()?;
         // SAFETY: eventfd takes two integers; the result is checked.
         let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if wake < 0 {
@@ -381,16 +385,32 @@ impl<'g> EngineThread<'g> {
     }
 
     fn record(&mut self, spec: RecordingSpec) -> Result<RecordingId, Error> {
-        let kind = spec.kind;
-        if let Err(error) = self.load(kind) {
-            if self.recordings.is_empty() {
-                self.events = None;
-            }
-            return Err(error);
+        if let Some(window) = spec.window
+            && window < MIN_WINDOW
+        {
+            return Err(Error::InvalidConfig(format!(
+                "a window of {window:?} is shorter than the {MIN_WINDOW:?} windows can be"
+            )));
         }
+        let kind = spec.kind;
+        let counters = self
+            .load(kind)
+            .and_then(|()| self.profiler(kind)?.counters());
+        let counters = match counters {
+            Ok(counters) => counters,
+            Err(error) => {
+                // Nothing to keep loaded for a recording that could not start.
+                if self.recordings_of(kind).next().is_none() {
+                    self.profilers.remove(&kind);
+                }
+                if self.recordings.is_empty() {
+                    self.events = None;
+                }
+                return Err(error);
+            }
+        };
         let id = RecordingId(self.next_id);
         self.next_id += 1;
-        let counters = self.profiler(kind)?.counters()?;
         let now = Instant::now();
         self.recordings.insert(
             id,

@@ -34,6 +34,37 @@ pub struct ProfilerSettings {
 }
 
 impl ProfilerSettings {
+    /// Refuses settings no profiler can run with, naming the setting.
+    pub fn validate(&self) -> Result<(), Error> {
+        let p = self.off_cpu_sample_probability;
+        let problem = if self.frequency_hz == 0 || self.frequency_hz > 1_000_000_000 {
+            format!(
+                "sampling frequency {} Hz is not in 1 Hz..1 GHz",
+                self.frequency_hz
+            )
+        } else if !(p > 0.0 && p <= 1.0) {
+            format!("off-CPU sample probability {p} is not in (0, 1]")
+        } else if self.drain_interval < Duration::from_millis(10)
+            || self.drain_interval > Duration::from_secs(60)
+        {
+            format!(
+                "drain interval {:?} is not between 10ms and 60s",
+                self.drain_interval
+            )
+        } else if self.map_memory_bytes < memory::MIN_MAP_MEMORY_BYTES {
+            format!(
+                "map memory budget of {} bytes is below the {} bytes the smallest maps need",
+                self.map_memory_bytes,
+                memory::MIN_MAP_MEMORY_BYTES
+            )
+        } else if self.max_targets == 0 {
+            "a maximum of 0 targets records nothing".to_owned()
+        } else {
+            return Ok(());
+        };
+        Err(Error::InvalidConfig(problem))
+    }
+
     /// The map sizes a profiler of `kind` gets on a machine with `cpus` CPUs.
     pub fn capacity(&self, kind: ProfilerKind, cpus: u32) -> MapCapacity {
         let (wanted, value) = match kind {
@@ -378,3 +409,55 @@ fn attach_switch_tracer(ebpf: &mut Ebpf) -> Result<(), Error> {
 
 // The key layout user space decodes must be the one the programs write.
 const _: () = assert!(size_of::<StackKey>() == 24);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ProfilerSettings {
+        ProfilerSettings {
+            frequency_hz: 99,
+            off_cpu_sample_probability: 1.0,
+            drain_interval: Duration::from_secs(1),
+            map_memory_bytes: memory::DEFAULT_MAP_MEMORY_BYTES,
+            max_targets: 1024,
+        }
+    }
+
+    #[test]
+    fn settings_no_profiler_can_run_with_are_refused_by_name() {
+        assert!(settings().validate().is_ok());
+        type Spoil = fn(&mut ProfilerSettings);
+        let cases: [(Spoil, &str); 5] = [
+            (|s| s.frequency_hz = 0, "frequency"),
+            (|s| s.off_cpu_sample_probability = 0.0, "probability"),
+            (
+                |s| s.drain_interval = Duration::from_millis(1),
+                "drain interval",
+            ),
+            (|s| s.map_memory_bytes = 1 << 20, "map memory"),
+            (|s| s.max_targets = 0, "targets"),
+        ];
+        for (spoil, named) in cases {
+            let mut bad = settings();
+            spoil(&mut bad);
+            let error = bad.validate().expect_err(named).to_string();
+            assert!(error.contains(named), "{error}");
+        }
+    }
+
+    #[test]
+    fn on_cpu_maps_hold_four_drain_intervals_of_samples_within_the_budget() {
+        let mut big = settings();
+        big.frequency_hz = 999;
+        big.drain_interval = Duration::from_secs(2);
+        big.map_memory_bytes = 1 << 30;
+        assert_eq!(
+            big.capacity(ProfilerKind::OnCpu, 4).aggregates,
+            4 * 999 * 4 * 2
+        );
+        let small = settings().capacity(ProfilerKind::OnCpu, 2);
+        assert_eq!(small.aggregates, 1024, "the floor");
+        assert!(!small.limited_by_budget);
+    }
+}

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use integration_tests::{agent_config, runtime};
-use rover_agent::bpf::{ProfilerKind, TargetOptions, Targets};
-use rover_agent::task::{Agent, ProfileWindow, TaskSpec, WindowSink};
+use integration_tests::{agent_config, runtime, task_spec};
+use rover_agent::bpf::{ProfilerKind, Targets};
+use rover_agent::task::{Agent, ProfileWindow, WindowSink};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -27,15 +27,6 @@ fn main() -> anyhow::Result<()> {
         ["idle", seconds] => idle(Duration::from_secs(seconds.parse().context("SECONDS")?)),
         ["soak"] => soak(),
         _ => bail!("usage: agent-harness idle SECONDS | agent-harness soak"),
-    }
-}
-
-fn spec(kind: ProfilerKind, targets: Targets, window: Option<Duration>) -> TaskSpec {
-    TaskSpec {
-        kind,
-        targets,
-        options: TargetOptions::default(),
-        window,
     }
 }
 
@@ -95,13 +86,13 @@ fn idle(seconds: Duration) -> anyhow::Result<()> {
     runtime.block_on(async {
         let on_cpu = agent
             .start_task(
-                spec(ProfilerKind::OnCpu, Targets::All, None),
+                task_spec(ProfilerKind::OnCpu, Targets::All, None),
                 Box::new(Tally::default()),
             )
             .await?;
         let off_cpu = agent
             .start_task(
-                spec(
+                task_spec(
                     ProfilerKind::OffCpu,
                     Targets::Pids(vec![std::process::id()]),
                     None,
@@ -131,7 +122,7 @@ fn soak() -> anyhow::Result<()> {
     let runtime = runtime();
     let tally = Tally::default();
     let task = runtime.block_on(agent.start_task(
-        spec(
+        task_spec(
             ProfilerKind::OnCpu,
             Targets::All,
             Some(Duration::from_secs(1)),
