@@ -224,11 +224,11 @@ fn c_fixture_symbolizes_alive_and_after_exit() {
     // No exit event: the liveness check finds it gone.
     let now = Instant::now();
     assert_eq!(table.retire(now), 0);
-    symbolizer.retire();
+    symbolizer.retire(Instant::now());
     assert_c_fixture_named(&user_frames(&mut symbolizer, pid, &stack), &binary);
     assert_eq!(table.retire(now + GRACE), 1);
     assert_eq!(table.stats().open_files, 0, "files closed");
-    symbolizer.retire();
+    symbolizer.retire(Instant::now());
     assert_eq!(symbolizer.stats().open_binaries, 0, "binaries closed");
     let frames = user_frames(&mut symbolizer, pid, &stack);
     assert!(frames.iter().all(|f| f.function.is_none()), "{frames:#?}");
@@ -475,7 +475,7 @@ fn debug_file_in_the_process_root_names_static_functions() {
     let now = Instant::now();
     without_dwarf.processes().exited(pid, now);
     assert_eq!(without_dwarf.processes().retire(now + GRACE), 1);
-    without_dwarf.retire();
+    without_dwarf.retire(Instant::now());
     assert_eq!(without_dwarf.processes().stats().open_files, 0);
     assert_eq!(without_dwarf.stats().open_binaries, 0);
 

@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Reason, Symbolized, evict};
@@ -28,6 +29,11 @@ pub(super) struct BinaryId(pub(super) u64);
 
 struct Binary {
     file: Arc<MappedFile>,
+    /// When its symbols were last looked up, and whether blazesym may hold its parse (symbol
+    /// tables, DWARF) since: a binary no stack needed for a while is evicted from blazesym's
+    /// cache, so that what stays parsed is what is in use.
+    last_used: Instant,
+    parsed: bool,
     /// Set after blazesym failed on the whole file (malformed ELF...): not parsed again.
     broken: bool,
     /// The same for the debug file.
@@ -72,6 +78,8 @@ impl BinaryCache {
                     id,
                     Binary {
                         file: Arc::clone(mapped),
+                        last_used: Instant::now(),
+                        parsed: false,
                         broken: false,
                         debug_file_broken: false,
                         warned: false,
@@ -101,6 +109,8 @@ impl BinaryCache {
             let Some(binary) = self.binaries.get_mut(&id) else {
                 continue;
             };
+            binary.last_used = Instant::now();
+            binary.parsed = true;
             let debug_file = binary
                 .file
                 .debug_file
@@ -181,14 +191,7 @@ impl BinaryCache {
             .map(|(id, binary)| {
                 // blazesym must let go of the paths before the fd numbers can name other files:
                 // the file closes when the last `Arc` (maybe this one) goes.
-                let debug_file = binary.file.debug_file.as_ref().map(|file| &file.fd_path);
-                for fd_path in [&binary.file.fd_path].into_iter().chain(debug_file) {
-                    let evict = evict::Evict::Elf(evict::Elf::new(fd_path));
-                    if let Err(error) = blazesym.evict(&evict) {
-                        let name = &binary.file.name;
-                        warn!(binary = name, %error, "cannot evict binary from blazesym's cache");
-                    }
-                }
+                evict_parse(blazesym, &binary);
                 id
             })
             .collect();
@@ -197,9 +200,40 @@ impl BinaryCache {
         }
     }
 
+    /// Evicts from blazesym's cache the parse of binaries whose symbols were not looked up for
+    /// `idle`; a later lookup parses them again. Returns how many were evicted.
+    pub fn evict_idle(
+        &mut self,
+        blazesym: &mut blazesym::symbolize::Symbolizer,
+        now: Instant,
+        idle: Duration,
+    ) -> usize {
+        let mut evicted = 0;
+        for binary in self.binaries.values_mut() {
+            if binary.parsed && now.saturating_duration_since(binary.last_used) >= idle {
+                evict_parse(blazesym, binary);
+                binary.parsed = false;
+                evicted += 1;
+            }
+        }
+        evicted
+    }
+
     /// How many binaries are in use.
     pub fn len(&self) -> usize {
         self.binaries.len()
+    }
+}
+
+/// Makes blazesym forget what it parsed of `binary` (and of its debug file).
+fn evict_parse(blazesym: &mut blazesym::symbolize::Symbolizer, binary: &Binary) {
+    let debug_file = binary.file.debug_file.as_ref().map(|file| &file.fd_path);
+    for fd_path in [&binary.file.fd_path].into_iter().chain(debug_file) {
+        let evict = evict::Evict::Elf(evict::Elf::new(fd_path));
+        if let Err(error) = blazesym.evict(&evict) {
+            let name = &binary.file.name;
+            warn!(binary = name, %error, "cannot evict binary from blazesym's cache");
+        }
     }
 }
 

@@ -66,6 +66,7 @@ mod vdso;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use blazesym::symbolize::Symbolizer as BlazeSymbolizer;
 
@@ -82,6 +83,10 @@ pub use process_table::{ProcessTable, ProcessTableStats};
 
 /// A bound for the symbol cache that keeps a busy host's hot functions: 8 MiB.
 pub const DEFAULT_SYMBOL_CACHE_BYTES: usize = 8 << 20;
+
+/// How long blazesym keeps a binary parsed (symbol tables, DWARF: tens of MB for a big one)
+/// after its symbols were last looked up; the results stay in the symbol cache.
+pub const PARSE_IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct SymbolizerConfig {
@@ -337,10 +342,17 @@ impl Symbolizer {
     }
 
     /// Drops the binaries (with their cache entries and blazesym's parse) whose files the
-    /// table no longer holds. Call it after [`ProcessTable::retire`].
-    pub fn retire(&mut self) {
+    /// table no longer holds, and evicts blazesym's parse of those unused for
+    /// [`PARSE_IDLE`]. Call it after [`ProcessTable::retire`]; returns whether it let go of
+    /// anything (the caller may give the memory back).
+    pub fn retire(&mut self, now: Instant) -> bool {
+        let before = self.binaries.len();
         self.binaries
             .retain_held(&self.processes, &mut self.blazesym, &mut self.cache);
+        let evicted = self
+            .binaries
+            .evict_idle(&mut self.blazesym, now, PARSE_IDLE);
+        evicted > 0 || self.binaries.len() < before
     }
 
     pub fn stats(&self) -> SymbolizeStats {
@@ -511,6 +523,33 @@ mod tests {
         fn drop(&mut self) {
             self.exit();
         }
+    }
+
+    #[test]
+    fn binaries_unused_for_a_while_are_evicted_from_blazesym_and_still_resolve() {
+        let mut symbolizer = symbolizer();
+        let pid = std::process::id();
+        let stack = [addr_of(marker_leaf)];
+        let first = symbolizer.user_frames(pid, &stack);
+        let now = Instant::now();
+        assert!(!symbolizer.retire(now), "nothing idle yet");
+        assert!(symbolizer.retire(now + PARSE_IDLE), "the parse is evicted");
+        assert!(!symbolizer.retire(now + PARSE_IDLE), "and only once");
+        let lookups = symbolizer.stats().symbol_lookups;
+        assert_eq!(symbolizer.user_frames(pid, &stack), first);
+        assert_eq!(
+            symbolizer.stats().symbol_lookups,
+            lookups,
+            "served by the symbol cache"
+        );
+        // A new address parses the binary again.
+        assert!(
+            !symbolizer
+                .user_frames(pid, &[addr_of(marker_caller)])
+                .frames
+                .is_empty()
+        );
+        assert_eq!(symbolizer.stats().symbol_lookups, lookups + 1);
     }
 
     #[test]
@@ -748,7 +787,7 @@ mod tests {
         assert!(open_files > 0 && open > 0);
         let table = symbolizer.processes().clone();
         assert_eq!(table.retire(Instant::now() + Duration::from_secs(3600)), 0);
-        symbolizer.retire();
+        symbolizer.retire(Instant::now());
         assert_eq!(table.stats().open_files, open_files);
         assert_eq!(symbolizer.stats().open_binaries, open);
         assert!(table.knows(pid));
@@ -782,7 +821,7 @@ mod tests {
         assert_eq!(table.retire(exited + GRACE), 1);
         assert!(!table.knows(pid));
         assert_eq!(table.stats().open_files, 0, "files closed");
-        symbolizer.retire();
+        symbolizer.retire(Instant::now());
         assert_eq!(symbolizer.stats().open_binaries, 0, "binaries dropped");
         let UserFrames { frames, cut } = symbolizer.user_frames(pid, &stack);
         assert!(!cut);
@@ -879,7 +918,7 @@ mod tests {
             let UserFrames { frames, cut } = symbolizer.user_frames(pid, &marker_stack());
             assert!(!cut);
             assert_eq!(outer_names(&frames), MARKER_NAMES);
-            symbolizer.retire();
+            symbolizer.retire(Instant::now());
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let captures = watcher.join().expect("watcher thread");

@@ -133,14 +133,15 @@ pub(super) fn run(
             None => {}
         }
         if last_retire.elapsed() >= RETIRE_EVERY {
-            let retired = processes.retire(Instant::now());
-            if retired > 0
-                && let Some(symbolizer) = &mut symbolizer
+            let now = Instant::now();
+            let retired = processes.retire(now);
+            if let Some(symbolizer) = &mut symbolizer
+                && symbolizer.retire(now)
             {
-                symbolizer.retire();
-                debug!(retired, "retired exited processes");
+                debug!(retired, "retired exited processes and unused binaries");
+                give_back_memory();
             }
-            last_retire = Instant::now();
+            last_retire = now;
         }
         if tasks.is_empty() && early.is_empty() {
             forget_everything_if_idle(&active, &processes, &mut symbolizer);
@@ -164,9 +165,14 @@ fn forget_everything_if_idle(
     let had_symbolizer = symbolizer.take().is_some();
     if processes.clear() || had_symbolizer {
         debug!("no task runs: process snapshots and symbol caches dropped");
-        // SAFETY: glibc's malloc_trim only walks its own heap.
-        unsafe { libc::malloc_trim(0) };
+        give_back_memory();
     }
+}
+
+/// Returns freed heap memory to the system (a big binary's parse is tens of MB).
+fn give_back_memory() {
+    // SAFETY: glibc's malloc_trim only walks its own heap.
+    unsafe { libc::malloc_trim(0) };
 }
 
 fn recording_of(delivery: &Delivery) -> RecordingId {
