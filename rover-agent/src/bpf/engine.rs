@@ -152,9 +152,13 @@ impl Engine {
             .name("rover-engine".to_owned())
             .spawn(move || {
                 let globals = Globals::new(&settings);
+                // Made first, when the agent holds least: aya's loader parses the kernel's BTF
+                // as it is made (~20 MB for a moment), which sets the agent's peak memory.
+                let loader = loader(&globals);
+                release_freed_memory();
                 EngineThread {
                     globals: &globals,
-                    loader: None,
+                    loader,
                     settings,
                     deliver: Box::new(deliver),
                     process_event: Box::new(process_event),
@@ -282,8 +286,8 @@ struct Loaded {
 
 struct EngineThread<'g> {
     globals: &'g Globals,
-    /// Made at the first load, then kept (see `loader.rs`).
-    loader: Option<EbpfLoader<'g>>,
+    /// Loads every object (see `loader.rs`).
+    loader: EbpfLoader<'g>,
     settings: ProfilerSettings,
     deliver: Box<dyn Fn(Delivery) + Send>,
     process_event: Box<dyn Fn(ProcessEvent) + Send>,
@@ -578,8 +582,7 @@ impl<'g> EngineThread<'g> {
             self.profilers.remove(&kind);
             info!(profiler = kind.name(), "profiler unloaded");
             // Loading it (and the off-CPU profiler's kernel BTF) used memory for a moment.
-            // SAFETY: glibc's malloc_trim only walks its own heap.
-            unsafe { libc::malloc_trim(0) };
+            release_freed_memory();
         }
         for &pid in recording.pids.iter().chain(recording.leaving.keys()) {
             self.unwatch_if_unheld(pid);
@@ -616,7 +619,7 @@ impl<'g> EngineThread<'g> {
     }
 
     fn load(&mut self, kind: ProfilerKind) -> Result<(), Error> {
-        let loader = self.loader.get_or_insert_with(|| loader(self.globals));
+        let loader = &mut self.loader;
         if self.events.is_none() {
             match ProcessEvents::load(
                 loader,
@@ -890,6 +893,12 @@ impl<'g> EngineThread<'g> {
         self.profilers.clear();
         self.events = None;
     }
+}
+
+/// Gives the heap memory a moment of work freed back to the system.
+fn release_freed_memory() {
+    // SAFETY: glibc's malloc_trim only walks its own heap.
+    unsafe { libc::malloc_trim(0) };
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {

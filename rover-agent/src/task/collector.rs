@@ -104,10 +104,19 @@ pub(super) fn run(
     let mut early: HashMap<RecordingId, Vec<Delivery>> = HashMap::new();
     let mut last_retire = Instant::now();
     loop {
-        let message = match messages.recv_timeout(RETIRE_EVERY) {
-            Ok(message) => Some(message),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        // Idle (no task, nothing held), it sleeps until a task starts.
+        let idle = tasks.is_empty() && early.is_empty() && symbolizer.is_none();
+        let message = if idle {
+            match messages.recv() {
+                Ok(message) => Some(message),
+                Err(mpsc::RecvError) => return,
+            }
+        } else {
+            match messages.recv_timeout(RETIRE_EVERY) {
+                Ok(message) => Some(message),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
         };
         match message {
             Some(Message::Register { recording, task }) => {

@@ -80,6 +80,8 @@ fn default_agent() -> anyhow::Result<Agent> {
 fn idle(seconds: Duration) -> anyhow::Result<()> {
     let agent = default_agent()?;
     let runtime = runtime();
+    // Answered once the engine's thread is up (and its loader made).
+    runtime.block_on(agent.status())?;
     println!("idle-before");
     std::thread::sleep(seconds);
     println!("tasks");
@@ -106,6 +108,8 @@ fn idle(seconds: Duration) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     let status = runtime.block_on(agent.status())?;
+    // The collector drops what the tasks held once it sees them end.
+    std::thread::sleep(Duration::from_secs(1));
     println!(
         "idle-after profilers={} target_entries={} process_events={}",
         status.profilers.len(),
