@@ -596,3 +596,121 @@ fn stopping_does_not_wait_for_symbolization_or_sinks() {
         assert!(summary.windows >= 2, "{summary:?}");
     });
 }
+
+#[test]
+fn a_full_target_map_is_an_error_naming_the_pid_never_a_silent_miss() {
+    if !bpf_available("a_full_target_map_is_an_error") {
+        return;
+    }
+    let _lock = machine_lock();
+    let mut config = agent_config(99, Duration::from_secs(1));
+    config.profilers.max_targets = 2;
+    let agent = Agent::start(config).expect("agent");
+    let sleepers: Vec<Spawned> = (0..3)
+        .map(|_| Spawned::start("sleeper", &["1", "60000"], Stdio::null()))
+        .collect();
+    runtime().block_on(async {
+        let pids: Vec<u32> = sleepers.iter().map(Spawned::pid).collect();
+        let error = agent
+            .start_task(
+                task_spec(ProfilerKind::OnCpu, Targets::Pids(pids.clone()), None),
+                Box::new(Windows::default()),
+            )
+            .await
+            .err()
+            .map(|error| format!("{error:#}"))
+            .expect("three targets do not fit a map of two");
+        assert!(
+            error.contains("full") && error.contains(&pids[2].to_string()),
+            "{error}"
+        );
+        let status = agent.status().await.expect("status");
+        assert!(status.profilers.is_empty(), "a failed task left {status:?}");
+
+        let task = agent
+            .start_task(
+                task_spec(ProfilerKind::OnCpu, Targets::Pids(pids[..2].to_vec()), None),
+                Box::new(Windows::default()),
+            )
+            .await
+            .expect("two fit");
+        let error = task
+            .add_process(pids[2])
+            .await
+            .expect_err("a third does not");
+        assert!(format!("{error:#}").contains("full"), "{error:#}");
+        task.remove_process(pids[0]).await.expect("remove one");
+        task.add_process(pids[2])
+            .await
+            .expect("then the third fits");
+        task.stop().await.expect("stops");
+    });
+}
+
+/// Off-CPU options live beside each target: two tasks on two sleepers, one leaving out waits
+/// shorter than its sleeps, the other keeping them, at the same time.
+#[test]
+fn concurrent_off_cpu_tasks_keep_their_own_per_target_options() {
+    if !bpf_available("concurrent_off_cpu_tasks_keep_their_own_per_target_options") {
+        return;
+    }
+    let _lock = machine_lock();
+    let agent = Agent::start(agent_config(99, Duration::from_secs(1))).expect("agent");
+    let mut short = Spawned::start("sleeper", &["30", "10", "-"], Stdio::piped());
+    let mut kept = Spawned::start("sleeper", &["30", "10", "-"], Stdio::piped());
+    let (short_windows, kept_windows) = (Windows::default(), Windows::default());
+    let (short_summary, kept_summary) = runtime().block_on(async {
+        let mut options = task_spec(ProfilerKind::OffCpu, Targets::Pids(vec![short.pid()]), None);
+        options.options.min_block = Duration::from_millis(50);
+        let first = agent
+            .start_task(options, Box::new(short_windows.clone()))
+            .await
+            .expect("first task");
+        let second = agent
+            .start_task(
+                task_spec(ProfilerKind::OffCpu, Targets::Pids(vec![kept.pid()]), None),
+                Box::new(kept_windows.clone()),
+            )
+            .await
+            .expect("second task");
+        // The same process with other options is refused by name.
+        let mut conflicting =
+            task_spec(ProfilerKind::OffCpu, Targets::Pids(vec![short.pid()]), None);
+        conflicting.options.exclude_preempt = true;
+        let error = agent
+            .start_task(conflicting, Box::new(Windows::default()))
+            .await
+            .err()
+            .map(|error| format!("{error:#}"))
+            .expect("other options for the same process");
+        assert!(error.contains("other options"), "{error}");
+        short.release();
+        kept.release();
+        short.finish(Duration::from_secs(10));
+        kept.finish(Duration::from_secs(10));
+        (
+            first.stop().await.expect("first stops"),
+            second.stop().await.expect("second stops"),
+        )
+    });
+    let switches = |windows: &Windows| {
+        let (functions, _, _) = by_function(&windows.take());
+        functions
+            .get("sleep_in_named_function")
+            .copied()
+            .unwrap_or(0)
+    };
+    // Every 10 ms sleep is shorter than 50 ms: left out, and counted as such.
+    assert_eq!(switches(&short_windows), 0);
+    assert!(
+        short_summary.counters.too_short >= 30,
+        "{:?}",
+        short_summary.counters
+    );
+    let kept_switches = switches(&kept_windows);
+    let missed = kept_summary.counters.episode_ends_missed;
+    assert!(
+        (30 - missed..=35).contains(&kept_switches),
+        "{kept_switches} switches kept, {missed} missed"
+    );
+}
