@@ -5,6 +5,7 @@
 
 pub mod bpf;
 pub mod cli;
+pub mod config;
 pub mod process;
 pub mod profile;
 pub mod symbolize;
