@@ -3,6 +3,7 @@
 //! Data flows `bpf` (kernel aggregates → raw stacks) → `symbolize` (addresses → frames) →
 //! `profile` (data model, file exporters); `task` wires them together; `cli` is the front end.
 
+pub mod backend;
 pub mod bpf;
 pub mod cli;
 pub mod config;

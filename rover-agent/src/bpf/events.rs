@@ -45,7 +45,7 @@ impl ProcessEvents {
         max_watched: u32,
         tgid_offset: &Result<u32, String>,
     ) -> Result<Self, Error> {
-        super::privilege::require()?;
+        super::privilege::require_privilege()?;
         let forks = match tgid_offset {
             Ok(_) => true,
             Err(problem) => {

@@ -54,7 +54,7 @@ pub fn check_privilege() -> io::Result<Privilege> {
 
 /// Fails with [`Error::MissingPrivilege`] when loading programs is bound to fail; when the
 /// capabilities cannot be read, lets the kernel decide.
-pub(super) fn require() -> Result<(), Error> {
+pub fn require_privilege() -> Result<(), Error> {
     match check_privilege().map(|privilege| privilege.missing()) {
         Ok(Some(missing)) => Err(Error::MissingPrivilege { missing }),
         Ok(None) | Err(_) => Ok(()),

@@ -110,7 +110,7 @@ impl Profiler {
         settings: &ProfilerSettings,
         loader: &mut EbpfLoader<'_>,
     ) -> Result<Self, Error> {
-        super::privilege::require()?;
+        super::privilege::require_privilege()?;
         let cpus = online_cpus().map_err(|(path, source)| Error::OnlineCpus { path, source })?;
         let capacity = settings.capacity(kind, cpus.len() as u32);
         let object = kind.object();

@@ -4,6 +4,7 @@ mod check;
 mod engine_args;
 mod output;
 mod profile;
+mod run;
 
 use std::process::ExitCode;
 
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 pub use engine_args::EngineArgs;
 pub use profile::ProfileArgs;
+pub use run::RunArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,15 +34,24 @@ pub enum Command {
     Profile(ProfileArgs),
     /// Tell whether this host can run the agent, item by item, with the settings given.
     Check(EngineArgs),
+    /// Run as a node agent: report this host's processes to a SkyWalking OAP, run the
+    /// profiling tasks it hands out and upload their results (Rover's configuration file).
+    Run(RunArgs),
 }
 
 /// Parses the command line, runs it and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Profile(args) => profile::run(args),
-        Command::Check(args) => check::run(&args),
+        Command::Profile(args) => {
+            init_logging(cli.verbose, None);
+            profile::run(args)
+        }
+        Command::Check(args) => {
+            init_logging(cli.verbose, None);
+            check::run(&args)
+        }
+        Command::Run(args) => run::run(&args, cli.verbose),
     };
     match result {
         Ok(code) => code,
@@ -51,10 +62,13 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
+/// Logs to stderr at `-v`'s level, else the configured one (`run`), else warnings; `RUST_LOG`
+/// overrides all.
+fn init_logging(verbose: u8, configured: Option<&str>) {
+    let default = match (verbose, configured) {
+        (0, Some(level)) => level,
+        (0, None) => "warn",
+        (1, _) => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -63,4 +77,20 @@ fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Resolves with the name of the first SIGINT or SIGTERM.
+pub(super) async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::warn!("cannot listen for SIGINT/SIGTERM: the profile runs its full duration");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    }
 }

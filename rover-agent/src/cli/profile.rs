@@ -177,7 +177,7 @@ async fn record(
     let mut task = agent.start_task(request.spec.clone(), sink).await?;
     tracing::info!(kind = request.spec.kind.name(), "profiling started");
     let deadline = tokio::time::sleep(request.duration);
-    let stop = stop_signal();
+    let stop = super::stop_signal();
     tokio::pin!(deadline, stop);
     let end = loop {
         tokio::select! {
@@ -287,22 +287,6 @@ fn validate(args: &ProfileArgs) -> anyhow::Result<Request> {
         },
         duration: args.duration,
     })
-}
-
-/// Resolves with the name of the first SIGINT or SIGTERM.
-async fn stop_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        tracing::warn!("cannot listen for SIGINT/SIGTERM: the profile runs its full duration");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => "SIGINT",
-        _ = terminate.recv() => "SIGTERM",
-    }
 }
 
 fn report_end(report: &Report) {

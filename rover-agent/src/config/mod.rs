@@ -26,3 +26,37 @@ pub struct HostRuleSettings {
     /// `labels`: comma-separated in the file.
     pub labels: Vec<String>,
 }
+
+// TEMP(merge): the config branch defines these; copied so the backend compiles meanwhile.
+#[derive(Clone, Debug)]
+pub struct BackendSettings {
+    pub addr: BackendAddr,
+    pub tls: Option<TlsSettings>,
+    pub check_period: Duration,
+    pub authentication: Option<String>,
+}
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub host: String,
+    pub port: u16,
+}
+impl std::fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub ca_pem_path: Option<std::path::PathBuf>,
+    pub client: Option<ClientCertSettings>,
+    pub insecure_skip_verify: bool,
+}
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCertSettings {
+    pub pem_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+}

@@ -8,11 +8,15 @@
 //! that lives less than a drain interval still symbolizes.
 
 mod agent;
+mod backend_tasks;
 mod collector;
+mod node;
 mod stacks;
+mod upload_sink;
 mod watcher;
 
 pub use agent::{Agent, Task};
+pub use node::run_node;
 
 use std::time::Duration;
 

@@ -1,0 +1,63 @@
+//! The SkyWalking backend (OAP): the gRPC channel, process reporting, the task poll, and the
+//! upload of profiling windows, encoded for SkyWalking. It never sees aya or `rover-common`.
+
+mod backoff;
+mod connection;
+mod reporter;
+mod upload;
+
+use std::path::PathBuf;
+
+pub use backoff::Backoff;
+pub use connection::Backend;
+pub use reporter::{ProcessDirectory, ProcessReporter};
+pub use upload::{UploadBuffer, UploadStats, UploadTask, Uploader, encode_window};
+
+/// What talking to the OAP can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("core.backend.addr {addr:?} is not a valid address: {source}")]
+    Address {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("core.backend.authentication is not a valid gRPC header value (printable ASCII only)")]
+    Authentication,
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("TLS: {}: {problem}", path.display())]
+    TlsFile { path: PathBuf, problem: String },
+    /// A call the OAP did not answer (unreachable, TLS refused, an error status).
+    #[error("{call} to the OAP at {addr} failed: {}", describe(status))]
+    Call {
+        call: &'static str,
+        addr: String,
+        status: Box<tonic::Status>,
+    },
+}
+
+impl Error {
+    fn call(call: &'static str, backend: &Backend, status: tonic::Status) -> Self {
+        Self::Call {
+            call,
+            addr: backend.addr().to_owned(),
+            status: Box::new(status),
+        }
+    }
+}
+
+/// A status with what caused it (tonic says "transport error"; the cause says which: refused
+/// connection, an unknown certificate issuer, ...).
+fn describe(status: &tonic::Status) -> String {
+    let mut text = format!("{} ({:?})", status.message(), status.code());
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,277 @@
+//! Process reporting: report new processes with full properties, keep reported ones alive every
+//! heartbeat, re-report everything every `properties_report_period` heartbeats and after the OAP
+//! was unreachable (it may have restarted and forgotten them).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use rover_proto::v3::{
+    EbpfHostProcessMetadata, EbpfProcessEntityMetadata, EbpfProcessPingPkg,
+    EbpfProcessPingPkgList, EbpfProcessProperties, EbpfProcessReportList,
+    EbpfReportProcessDownstream, KeyStringValuePair, ebpf_process_downstream,
+    ebpf_process_properties,
+};
+use tracing::{debug, info};
+
+use super::{Backend, Error};
+use crate::process::ProcessEntity;
+
+/// Processes per report call: keeps a message far below gRPC's 4 MiB default limit.
+const REPORT_CHUNK: usize = 500;
+const SUPPORT_EBPF_PROFILING: &str = "support_ebpf_profiling";
+
+/// The OAP's process ids of the processes this agent reported, to their pids: what tasks name.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessDirectory(Arc<RwLock<HashMap<String, u32>>>);
+
+impl ProcessDirectory {
+    /// The local pid of the OAP's process `id`, if this agent reported it.
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        self.0.read().ok()?.get(id).copied()
+    }
+
+    /// The OAP's id of local process `pid`.
+    pub fn id_of(&self, pid: u32) -> Option<String> {
+        let ids = self.0.read().ok()?;
+        ids.iter().find(|(_, p)| **p == pid).map(|(id, _)| id.clone())
+    }
+
+    fn set(&self, id: String, pid: u32) {
+        if let Ok(mut ids) = self.0.write() {
+            ids.insert(id, pid);
+        }
+    }
+
+    fn remove(&self, id: &str) {
+        if let Ok(mut ids) = self.0.write() {
+            ids.remove(id);
+        }
+    }
+}
+
+/// One local process and what the OAP knows of it.
+#[derive(Debug)]
+struct Reported {
+    entity: ProcessEntity,
+    /// The OAP's id, once a report reply named it.
+    id: Option<String>,
+    /// Not (or not certainly) known to the OAP: reported at the next heartbeat.
+    to_report: bool,
+}
+
+pub struct ProcessReporter {
+    backend: Backend,
+    agent_id: String,
+    /// Every this many heartbeats, all processes are reported with full properties.
+    full_report_every: u64,
+    processes: BTreeMap<u32, Reported>,
+    heartbeats: u64,
+    /// A call failed since the last full report: the OAP may have restarted.
+    lost_contact: bool,
+    directory: ProcessDirectory,
+}
+
+impl ProcessReporter {
+    pub fn new(
+        backend: Backend,
+        agent_id: String,
+        full_report_every: u32,
+        directory: ProcessDirectory,
+    ) -> Self {
+        Self {
+            backend,
+            agent_id,
+            full_report_every: u64::from(full_report_every.max(1)),
+            processes: BTreeMap::new(),
+            heartbeats: 0,
+            lost_contact: false,
+            directory,
+        }
+    }
+
+    /// A process to report from the next heartbeat on (replacing what `pid` was).
+    pub fn added(&mut self, entity: ProcessEntity) {
+        self.removed(entity.pid);
+        self.processes.insert(
+            entity.pid,
+            Reported {
+                entity,
+                id: None,
+                to_report: true,
+            },
+        );
+    }
+
+    /// A process that exited (or no longer matches): no longer kept alive.
+    pub fn removed(&mut self, pid: u32) {
+        if let Some(Reported { id: Some(id), .. }) = self.processes.remove(&pid) {
+            self.directory.remove(&id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.processes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.processes.is_empty()
+    }
+
+    /// One heartbeat: reports what the OAP does not know (everything, every
+    /// `properties_report_period` heartbeats and after lost contact), keeps the rest alive.
+    pub async fn heartbeat(&mut self) -> Result<(), Error> {
+        self.heartbeats += 1;
+        let full = self.lost_contact || (self.heartbeats - 1) % self.full_report_every == 0;
+        let result = self.exchange(full).await;
+        self.lost_contact = result.is_err();
+        result
+    }
+
+    async fn exchange(&mut self, full: bool) -> Result<(), Error> {
+        let to_report: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, process)| full || process.to_report)
+            .map(|(&pid, _)| pid)
+            .collect();
+        for chunk in to_report.chunks(REPORT_CHUNK) {
+            self.report(chunk).await?;
+        }
+        let alive: Vec<EbpfProcessPingPkg> = self
+            .processes
+            .values()
+            .filter(|process| process.id.is_some() && !to_report.contains(&process.entity.pid))
+            .map(|process| EbpfProcessPingPkg {
+                entity_metadata: Some(entity_metadata(&process.entity)),
+                // The OAP merges properties: the one that gates profiling is enough here.
+                properties: process
+                    .entity
+                    .properties
+                    .iter()
+                    .filter(|(key, _)| key == SUPPORT_EBPF_PROFILING)
+                    .map(|(key, value)| pair(key, value))
+                    .collect(),
+            })
+            .collect();
+        if !alive.is_empty() {
+            let count = alive.len();
+            self.backend
+                .processes()
+                .keep_alive(EbpfProcessPingPkgList {
+                    processes: alive,
+                    ebpf_agent_id: self.agent_id.clone(),
+                })
+                .await
+                .map_err(|status| Error::call("keepAlive", &self.backend, status))?;
+            debug!(processes = count, "kept processes alive");
+        }
+        Ok(())
+    }
+
+    async fn report(&mut self, pids: &[u32]) -> Result<(), Error> {
+        let processes = pids
+            .iter()
+            .filter_map(|pid| self.processes.get(pid))
+            .map(|process| EbpfProcessProperties {
+                metadata: Some(ebpf_process_properties::Metadata::HostProcess(
+                    EbpfHostProcessMetadata {
+                        entity: Some(entity_metadata(&process.entity)),
+                        pid: i32::try_from(process.entity.pid).unwrap_or(i32::MAX),
+                        properties: process
+                            .entity
+                            .properties
+                            .iter()
+                            .map(|(key, value)| pair(key, value))
+                            .collect(),
+                    },
+                )),
+            })
+            .collect();
+        let reply = self
+            .backend
+            .processes()
+            .report_processes(EbpfProcessReportList {
+                processes,
+                ebpf_agent_id: self.agent_id.clone(),
+            })
+            .await
+            .map_err(|status| Error::call("reportProcesses", &self.backend, status))?
+            .into_inner();
+        let matched = self.match_reply(&reply);
+        for pid in pids {
+            if let Some(process) = self.processes.get_mut(pid) {
+                process.to_report = !matched.contains(pid);
+            }
+        }
+        info!(
+            reported = pids.len(),
+            matched = matched.len(),
+            "reported processes to the OAP"
+        );
+        Ok(())
+    }
+
+    /// Gives each local process the OAP id its reply names (matched by pid and entity); returns
+    /// the pids matched.
+    fn match_reply(&mut self, reply: &EbpfReportProcessDownstream) -> HashSet<u32> {
+        let mut matched = HashSet::new();
+        for downstream in &reply.processes {
+            let (pid, entity) = match &downstream.process {
+                Some(ebpf_process_downstream::Process::HostProcess(host)) => {
+                    (host.pid, host.entity_metadata.as_ref())
+                }
+                Some(ebpf_process_downstream::Process::K8sProcess(k8s)) => {
+                    (k8s.pid, k8s.entity_metadata.as_ref())
+                }
+                None => continue,
+            };
+            let (Ok(pid), Some(entity)) = (u32::try_from(pid), entity) else {
+                continue;
+            };
+            let Some(process) = self.processes.get_mut(&pid) else {
+                continue;
+            };
+            if downstream.process_id.is_empty()
+                || identity(&entity_metadata(&process.entity)) != identity(entity)
+            {
+                continue;
+            }
+            if let Some(old) = process.id.replace(downstream.process_id.clone()) {
+                self.directory.remove(&old);
+            }
+            self.directory.set(downstream.process_id.clone(), pid);
+            matched.insert(pid);
+        }
+        matched
+    }
+}
+
+fn entity_metadata(entity: &ProcessEntity) -> EbpfProcessEntityMetadata {
+    EbpfProcessEntityMetadata {
+        layer: entity.layer.clone(),
+        service_name: entity.service_name.clone(),
+        instance_name: entity.instance_name.clone(),
+        process_name: entity.process_name.clone(),
+        labels: entity.labels.clone(),
+    }
+}
+
+/// What names a process to the OAP: its entity, labels in any order.
+fn identity(entity: &EbpfProcessEntityMetadata) -> (&str, &str, &str, &str, Vec<&str>) {
+    let mut labels: Vec<&str> = entity.labels.iter().map(String::as_str).collect();
+    labels.sort_unstable();
+    (
+        &entity.layer,
+        &entity.service_name,
+        &entity.instance_name,
+        &entity.process_name,
+        labels,
+    )
+}
+
+fn pair(key: &str, value: &str) -> KeyStringValuePair {
+    KeyStringValuePair {
+        key: key.to_owned(),
+        value: value.to_owned(),
+    }
+}

@@ -1,0 +1,80 @@
+//! `rover-agent run`: the node agent, configured by a Rover-layout YAML file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use tracing::{info, warn};
+
+use super::EngineArgs;
+use crate::config::Settings;
+use crate::process::{HostScanner, host_ip};
+use crate::task::{Agent, run_node};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The configuration file: Rover's `rover_configs.yaml` layout, `${ENV:default}` values.
+    #[arg(long, short, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Loads the configuration (before logging starts: its level is in the file), then runs the
+/// node agent until SIGINT or SIGTERM.
+pub(super) fn run(args: &RunArgs, verbose: u8) -> anyhow::Result<ExitCode> {
+    let loaded = Settings::load(&args.config)?;
+    let settings = loaded.settings;
+    super::init_logging(verbose, Some(&settings.log_level.to_string().to_lowercase()));
+    for warning in &loaded.warnings {
+        warn!("{}: {warning}", args.config.display());
+    }
+    crate::bpf::require_privilege().context("rover-agent run profiles processes")?;
+    let engine = EngineArgs {
+        frequency: Some(frequency_hz(settings.profiling.on_cpu_dump_period)),
+        sample_probability: Some(settings.rover_rs.off_cpu_sample_probability),
+        drain_interval: Duration::from_secs(1),
+        map_memory: settings.rover_rs.map_memory,
+        max_targets: settings.rover_rs.max_targets,
+        debug_info: false,
+    };
+    let agent_config = engine
+        .agent_config()
+        .context("profiling.task.on_cpu.dump_period / rover_rs settings")?;
+    let scanner = match &settings.discovery.scanner {
+        Some(scanner) => {
+            let ip = host_ip(None).context("finding this node's IP address")?;
+            Some(HostScanner::new(scanner, settings.cluster_name.as_deref(), ip)?)
+        }
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let agent = Agent::start(agent_config)?;
+    runtime.block_on(run_node(agent, &settings, scanner, async {
+        let signal = super::stop_signal().await;
+        info!("{signal} received");
+    }))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Rover's `dump_period` (time between two samples) as a sampling frequency.
+fn frequency_hz(dump_period: Duration) -> u64 {
+    let period_ns = dump_period.as_nanos().max(1);
+    u64::try_from((1_000_000_000 + period_ns / 2) / period_ns).unwrap_or(1).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rovers_default_dump_period_is_111_hz() {
+        assert_eq!(frequency_hz(Duration::from_millis(9)), 111);
+        assert_eq!(frequency_hz(Duration::from_millis(10)), 100);
+        assert_eq!(frequency_hz(Duration::from_secs(1)), 1);
+    }
+}

@@ -1,0 +1,241 @@
+//! Node agent mode: this host's processes reported to the OAP, the OAP's tasks run on the
+//! shared agent, their windows uploaded, until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::Agent;
+use super::backend_tasks::BackendTasks;
+use crate::backend::{Backend, Backoff, ProcessDirectory, ProcessReporter, UploadBuffer, Uploader};
+use crate::config::Settings;
+use crate::process::{HostScanner, ProcessChange};
+
+/// Retries after a failed call start here and double up to the period of what failed.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// Runs the node agent until `shutdown` resolves; then stops the tasks, flushes what they
+/// recorded (within the configured deadline) and returns.
+pub async fn run_node(
+    agent: Agent,
+    settings: &Settings,
+    scanner: Option<HostScanner>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let agent = Arc::new(agent);
+    let backend = Backend::new(&settings.backend).context("setting up the backend connection")?;
+    let agent_id = uuid::Uuid::new_v4().to_string();
+    info!(agent_id, backend = backend.addr(), "node agent started");
+    let directory = ProcessDirectory::default();
+    let buffer = Arc::new(UploadBuffer::new(
+        usize::try_from(settings.rover_rs.upload_buffer).unwrap_or(usize::MAX),
+    ));
+    // Tasks stop first, so that their last windows are queued before the final flush.
+    let (stopping, stop) = watch::channel(false);
+    let (stopping_upload, stop_upload) = watch::channel(false);
+
+    let reporter = ProcessReporter::new(
+        backend.clone(),
+        agent_id.clone(),
+        settings.discovery.properties_report_period,
+        directory.clone(),
+    );
+    let discovery = tokio::spawn(discover_and_report(
+        reporter,
+        scanner,
+        settings.discovery.heartbeat_period,
+        stop.clone(),
+    ));
+    let uploader = tokio::spawn(upload(
+        Uploader::new(backend.clone()),
+        Arc::clone(&buffer),
+        settings.profiling.flush_interval,
+        stop_upload,
+    ));
+    let tasks = settings.profiling.active.then(|| {
+        tokio::spawn(poll_tasks(
+            BackendTasks::new(
+                Arc::clone(&agent),
+                backend.clone(),
+                agent_id.clone(),
+                directory.clone(),
+                Arc::clone(&buffer),
+                settings.profiling.flush_interval,
+            ),
+            settings.profiling.check_interval,
+            stop.clone(),
+        ))
+    });
+
+    shutdown.await;
+    info!("shutting down: stopping tasks, flushing what they recorded");
+    let _ = stopping.send(true);
+    let deadline = settings.rover_rs.shutdown_deadline;
+    let finished = tokio::time::timeout(deadline, async {
+        if let Some(tasks) = tasks {
+            let _ = tasks.await;
+        }
+        let _ = stopping_upload.send(true);
+        let _ = uploader.await;
+    })
+    .await;
+    if finished.is_err() {
+        warn!(?deadline, "shutdown deadline passed: windows still queued are dropped");
+    }
+    let stats = buffer.stats();
+    info!(
+        messages_sent = stats.messages_sent,
+        batches_dropped = stats.batches_dropped,
+        batches_unsent = stats.batches_buffered,
+        "uploads at shutdown"
+    );
+    discovery.abort();
+    drop(Arc::try_unwrap(agent).ok());
+    Ok(())
+}
+
+/// Rescans host processes every scanner period and heartbeats every `heartbeat`; a failed
+/// heartbeat is retried sooner, with backoff.
+async fn discover_and_report(
+    mut reporter: ProcessReporter,
+    mut scanner: Option<HostScanner>,
+    heartbeat: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let scan_period = scanner.as_ref().map_or(Duration::MAX, HostScanner::period);
+    let mut next_scan = tokio::time::Instant::now();
+    let mut next_heartbeat = tokio::time::Instant::now();
+    let mut backoff = Backoff::new(FIRST_RETRY, heartbeat);
+    let mut failing = false;
+    loop {
+        if let Some(owned) = scanner.take()
+            && tokio::time::Instant::now() >= next_scan
+        {
+            match tokio::task::spawn_blocking(move || {
+                let mut owned = owned;
+                let changes = owned.scan();
+                (owned, changes)
+            })
+            .await
+            {
+                Ok((owned, changes)) => {
+                    scanner = Some(owned);
+                    for change in changes {
+                        match change {
+                            ProcessChange::Added(entity) => reporter.added(entity),
+                            ProcessChange::Removed(pid) => reporter.removed(pid),
+                        }
+                    }
+                }
+                Err(error) => warn!("the process scan failed: {error}; host rules are off"),
+            }
+            next_scan += scan_period;
+        }
+        if tokio::time::Instant::now() >= next_heartbeat {
+            match reporter.heartbeat().await {
+                Ok(()) => {
+                    if failing {
+                        info!("the OAP answers again");
+                    }
+                    failing = false;
+                    backoff.succeeded();
+                    next_heartbeat = tokio::time::Instant::now() + heartbeat;
+                }
+                Err(error) => {
+                    if !failing {
+                        warn!("{error}; retrying with backoff");
+                    }
+                    failing = true;
+                    next_heartbeat = tokio::time::Instant::now() + backoff.failed();
+                }
+            }
+        }
+        let wake = if scanner.is_some() {
+            next_scan.min(next_heartbeat)
+        } else {
+            next_heartbeat
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn poll_tasks(mut tasks: BackendTasks, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new(FIRST_RETRY, interval);
+    let mut failing = false;
+    loop {
+        let polled = tokio::select! {
+            polled = tasks.poll() => polled,
+            _ = stop.changed() => break,
+        };
+        let wait = match polled {
+            Ok(()) => {
+                failing = false;
+                backoff.succeeded();
+                interval
+            }
+            Err(error) => {
+                if !failing {
+                    warn!("{error}; retrying with backoff");
+                }
+                failing = true;
+                backoff.failed()
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    tasks.stop_all().await;
+}
+
+/// Flushes every `interval` (or sooner when a task ended); while the OAP is unreachable the
+/// buffer holds the windows (bounded) and retries back off. At shutdown, one last flush.
+async fn upload(
+    uploader: Uploader,
+    buffer: Arc<UploadBuffer>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(FIRST_RETRY, interval.max(FIRST_RETRY) * 6);
+    let mut dropped_logged = 0;
+    let mut wait = interval;
+    loop {
+        let stopping = tokio::select! {
+            () = Uploader::wait(&buffer, wait) => false,
+            _ = stop.changed() => true,
+        };
+        match uploader.flush(&buffer).await {
+            Ok(_) => {
+                backoff.succeeded();
+                wait = interval;
+            }
+            Err(error) => {
+                let stats = buffer.stats();
+                warn!(
+                    queued_bytes = stats.bytes_buffered,
+                    "{error}; windows kept for the next attempt"
+                );
+                wait = backoff.failed().max(interval);
+            }
+        }
+        let stats = buffer.stats();
+        if stats.batches_dropped > dropped_logged {
+            warn!(
+                dropped = stats.batches_dropped - dropped_logged,
+                total_dropped = stats.batches_dropped,
+                "upload buffer full: oldest windows dropped (rover_rs.upload_buffer)"
+            );
+            dropped_logged = stats.batches_dropped;
+        }
+        if stopping {
+            return;
+        }
+    }
+}
