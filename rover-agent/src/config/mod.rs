@@ -427,11 +427,16 @@ fn discovery(cx: &mut Cx, mut d: Map) -> Result<DiscoverySettings, ConfigError> 
         .duration(cx, "heartbeat_period")?
         .unwrap_or(Duration::from_secs(20));
     let properties_report_period = d
-        .scalar(cx, "properties_report_period", "a whole number, at least 1", |s| {
-            parse_u64(s)
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|n| *n >= 1)
-        })?
+        .scalar(
+            cx,
+            "properties_report_period",
+            "a whole number, at least 1",
+            |s| {
+                parse_u64(s)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|n| *n >= 1)
+            },
+        )?
         .unwrap_or(10);
     let scanner = match d.get("scanner")? {
         Some(node) => scanner(cx, node.map()?)?,
@@ -522,14 +527,13 @@ fn host_rule(cx: &mut Cx, node: &Node) -> Result<HostRuleSettings, ConfigError> 
         expected: format!("a valid regular expression ({e})"),
     })?;
     let layer = non_empty(r.string(cx, "layer")?).unwrap_or_else(|| "OS_LINUX".into());
-    let service_name = non_empty(r.string(cx, "service_name")?).ok_or_else(|| {
-        ConfigError::Invalid {
+    let service_name =
+        non_empty(r.string(cx, "service_name")?).ok_or_else(|| ConfigError::Invalid {
             key: format!("{}.service_name", node.path),
             value: String::new(),
             expected: "a service name template, such as {{.Process.ExeName}} (Rover requires one)"
                 .into(),
-        }
-    })?;
+        })?;
     let instance_name = non_empty(r.string(cx, "instance_name")?)
         .unwrap_or_else(|| r#"{{.Rover.HostIPV4 "en0"}}"#.into());
     let process_name =
@@ -596,12 +600,9 @@ fn profiling(cx: &mut Cx, mut p: Map) -> Result<ProfilingSettings, ConfigError> 
     let mut on_cpu = task.section("on_cpu")?;
     let range = Duration::from_millis(1)..=Duration::from_secs(1);
     let on_cpu_dump_period = on_cpu
-        .scalar(
-            cx,
-            "dump_period",
-            "a duration between 1ms and 1s",
-            |s| parse_duration(s).filter(|d| range.contains(d)),
-        )?
+        .scalar(cx, "dump_period", "a duration between 1ms and 1s", |s| {
+            parse_duration(s).filter(|d| range.contains(d))
+        })?
         .unwrap_or(Duration::from_millis(9));
     on_cpu.finish()?;
     if task.get("network")?.is_some() {
@@ -611,7 +612,8 @@ fn profiling(cx: &mut Cx, mut p: Map) -> Result<ProfilingSettings, ConfigError> 
     task.finish()?;
 
     let mut c = p.section("continuous")?;
-    let meter_prefix = non_empty(c.string(cx, "meter_prefix")?).unwrap_or_else(|| "rover_con_p".into());
+    let meter_prefix =
+        non_empty(c.string(cx, "meter_prefix")?).unwrap_or_else(|| "rover_con_p".into());
     let fetch_interval = c
         .duration(cx, "fetch_interval")?
         .unwrap_or(Duration::from_secs(1));
@@ -655,7 +657,9 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
         .unwrap_or(1.0);
     let bytes = "a byte size greater than zero, such as 32MiB";
     let map_memory = r
-        .scalar(cx, "map_memory", bytes, |s| parse_bytes(s).filter(|b| *b > 0))?
+        .scalar(cx, "map_memory", bytes, |s| {
+            parse_bytes(s).filter(|b| *b > 0)
+        })?
         .unwrap_or(32 * MIB);
     let max_targets = r
         .scalar(cx, "max_targets", "a whole number, at least 1", |s| {
@@ -665,7 +669,9 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
         })?
         .unwrap_or(1024);
     let upload_buffer = r
-        .scalar(cx, "upload_buffer", bytes, |s| parse_bytes(s).filter(|b| *b > 0))?
+        .scalar(cx, "upload_buffer", bytes, |s| {
+            parse_bytes(s).filter(|b| *b > 0)
+        })?
         .unwrap_or(16 * MIB);
     let shutdown_deadline = r
         .scalar(
@@ -685,3 +691,5 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
     })
 }
 
+#[cfg(test)]
+mod tests;

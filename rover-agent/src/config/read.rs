@@ -171,7 +171,11 @@ impl<'a> Map<'a> {
     }
 
     /// The text of `key`; `None` when missing or null (an empty string stays `Some("")`).
-    pub fn string(&mut self, cx: &mut Cx, key: &'static str) -> Result<Option<String>, ConfigError> {
+    pub fn string(
+        &mut self,
+        cx: &mut Cx,
+        key: &'static str,
+    ) -> Result<Option<String>, ConfigError> {
         match self.get(key)? {
             Some(node) => node.text(cx),
             None => Ok(None),
@@ -378,7 +382,16 @@ mod tests {
         assert_eq!(parse_duration("0"), Some(Duration::ZERO));
         assert_eq!(parse_duration("+2s"), Some(ms(2000)));
         for bad in [
-            "", "5", "s", "-1s", "1x", "1 s", "1.s5", ".s", "1e3s", "5sec",
+            "",
+            "5",
+            "s",
+            "-1s",
+            "1x",
+            "1 s",
+            "1.s5",
+            ".s",
+            "1e3s",
+            "5sec",
             "99999999999999999999999999999999999999999h",
         ] {
             assert_eq!(parse_duration(bad), None, "{bad}");
@@ -398,7 +411,10 @@ mod tests {
     #[test]
     fn suggestions() {
         assert_eq!(closest("adr", &["addr", "enable_TLS"]), Some("addr"));
-        assert_eq!(closest("ENABLE_TSL", &["addr", "enable_TLS"]), Some("enable_TLS"));
+        assert_eq!(
+            closest("ENABLE_TSL", &["addr", "enable_TLS"]),
+            Some("enable_TLS")
+        );
         assert_eq!(closest("zzzzzz", &["addr", "enable_TLS"]), None);
     }
 }
