@@ -27,29 +27,34 @@ use tracing::level_filters::LevelFilter;
 
 use read::{Cx, Map, Node, comma_list, parse_bytes, parse_duration, parse_u64, valid_host};
 
-/// Why the configuration cannot be used. Each variant names the key path, so the message alone
-/// tells the user what to fix.
+/// Why the configuration cannot be used. Each message names the file, the YAML position or the
+/// full key path, so it alone tells the user what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file is missing, unreadable or not UTF-8.
     #[error("cannot read the configuration file {}: {source}", path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// YAML syntax (the message has the line and column), duplicate keys, bad aliases.
     #[error("the configuration is not valid YAML: {0}")]
     Yaml(#[source] serde_yaml::Error),
+    /// A key neither Rover nor rover-rs has, most often a typo.
     #[error("unknown key `{key}`{}", suggestion.as_ref().map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default())]
     UnknownKey {
         key: String,
         suggestion: Option<String>,
     },
-    /// `value` is after `${ENV:default}` substitution.
+    /// A value of the wrong type or out of range; `value` is after `${ENV:default}`
+    /// substitution, so a bad environment variable shows as itself.
     #[error("`{key}`: `{value}` is not valid: expected {expected}")]
     Invalid {
         key: String,
         value: String,
         expected: String,
     },
+    /// Half of a TLS client certificate.
     #[error("`{set}` is set but `{missing}` is empty: a TLS client certificate needs both")]
     Incomplete { set: String, missing: String },
 }
