@@ -24,14 +24,3 @@ mod tests {
     }
 }
 
-// TEMP(merge): the host-rules branch defines this in entity.rs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcessEntity {
-    pub pid: u32,
-    pub layer: String,
-    pub service_name: String,
-    pub instance_name: String,
-    pub process_name: String,
-    pub labels: Vec<String>,
-    pub properties: Vec<(String, String)>,
-}
