@@ -22,7 +22,7 @@ pub enum Error {
         key: String,
         template: String,
         #[source]
-        source: gtmpl::error::ParseError,
+        source: Box<gtmpl::error::ParseError>,
     },
     #[error("{key}: empty name")]
     EmptyName { key: String },
@@ -427,4 +427,314 @@ fn host_name() -> String {
         .position(|byte| *byte == 0)
         .unwrap_or(buffer.len());
     String::from_utf8_lossy(&buffer[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    use super::*;
+
+    const HOST_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+
+    /// A procfs tree in a temporary directory: `PID/{stat,cmdline,exe,cwd}`.
+    struct FakeProc {
+        root: tempfile::TempDir,
+    }
+
+    impl FakeProc {
+        fn new() -> Self {
+            let root = tempfile::tempdir().unwrap();
+            fs::write(root.path().join("bin-java"), b"\x7fELF").unwrap();
+            Self { root }
+        }
+
+        /// A user process with an executable and a working directory.
+        fn add(&self, pid: u32, comm: &str, start_time: u64, argv: &[&str]) {
+            self.add_raw(pid, comm, 'S', 0, start_time, argv);
+            let dir = self.root.path().join(pid.to_string());
+            std::os::unix::fs::symlink(self.root.path().join("bin-java"), dir.join("exe")).unwrap();
+            std::os::unix::fs::symlink(self.root.path(), dir.join("cwd")).unwrap();
+        }
+
+        fn add_raw(
+            &self,
+            pid: u32,
+            comm: &str,
+            state: char,
+            flags: u64,
+            start: u64,
+            argv: &[&str],
+        ) {
+            let dir = self.root.path().join(pid.to_string());
+            fs::create_dir_all(&dir).unwrap();
+            let stat = format!(
+                "{pid} ({comm}) {state} 1 1 1 0 -1 {flags} 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0 0\n"
+            );
+            fs::write(dir.join("stat"), stat).unwrap();
+            let cmdline: Vec<u8> = argv
+                .iter()
+                .flat_map(|arg| [arg.as_bytes(), b"\0"].concat())
+                .collect();
+            fs::write(dir.join("cmdline"), cmdline).unwrap();
+        }
+
+        fn remove(&self, pid: u32) {
+            fs::remove_dir_all(self.root.path().join(pid.to_string())).unwrap();
+        }
+
+        fn path(&self) -> &Path {
+            self.root.path()
+        }
+    }
+
+    fn rule(match_cmd: &str, service: &str, instance: &str, process: &str) -> HostRuleSettings {
+        HostRuleSettings {
+            match_cmd: regex::Regex::new(match_cmd).unwrap(),
+            layer: "OS_LINUX".to_owned(),
+            service_name: service.to_owned(),
+            instance_name: instance.to_owned(),
+            process_name: process.to_owned(),
+            labels: Vec::new(),
+        }
+    }
+
+    fn facts(cluster_name: Option<&str>) -> HostFacts {
+        HostFacts {
+            cluster_name: cluster_name.map(str::to_owned),
+            host_ip: HOST_IP,
+            host_name: "node-1".to_owned(),
+            agent_instance_id: "agent-uuid".to_owned(),
+        }
+    }
+
+    fn scanner(rules: Vec<HostRuleSettings>, facts: HostFacts, proc: &FakeProc) -> HostRuleScanner {
+        let settings = ScannerSettings {
+            period: Duration::from_secs(3),
+            rules,
+        };
+        HostRuleScanner::new(&settings, facts)
+            .unwrap()
+            .with_proc_root(proc.path())
+    }
+
+    fn pids(changes: &ScanChanges) -> Vec<u32> {
+        changes.added.iter().map(|entity| entity.pid).collect()
+    }
+
+    #[test]
+    fn first_matching_rule_names_the_process_through_its_templates() {
+        let proc = FakeProc::new();
+        proc.add(100, "java", 1000, &["/usr/bin/java", "-jar", "shop.jar"]);
+        proc.add(101, "python3", 1001, &["python3", "app.py"]);
+        proc.add(102, "bash", 1002, &["bash"]);
+        let mut java = rule(
+            r"java .*?(\w+)\.jar",
+            "{{.Finder.RegexMatchGroup 1}}",
+            r#"{{.Rover.HostIPV4 "lo"}}"#,
+            "{{.Process.ExeName}}-{{.Process.Pid}}",
+        );
+        java.labels = vec!["b".to_owned(), "a".to_owned()];
+        let rules = vec![
+            java,
+            rule(
+                "python|java",
+                "scripts",
+                "{{.Rover.HostName}}",
+                "{{.Process.CommandLine}}",
+            ),
+        ];
+        let mut scanner = scanner(rules, facts(Some("prod")), &proc);
+
+        let changes = scanner.scan().unwrap();
+        assert_eq!(changes.removed, Vec::<u32>::new());
+        assert_eq!(pids(&changes), [100, 101]);
+        let shop = &changes.added[0];
+        assert_eq!(shop.layer, "OS_LINUX");
+        assert_eq!(shop.service_name, "prod::shop");
+        assert_eq!(shop.instance_name, "127.0.0.1");
+        assert_eq!(shop.process_name, "java-100");
+        assert_eq!(shop.labels, ["b", "a"]);
+        let properties: Vec<(&str, &str)> = shop
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            properties,
+            [
+                ("host_ip", "192.0.2.10"),
+                ("pid", "100"),
+                ("command_line", "/usr/bin/java -jar shop.jar"),
+                ("support_ebpf_profiling", "true"),
+            ]
+        );
+        let script = &changes.added[1];
+        assert_eq!(script.service_name, "prod::scripts");
+        assert_eq!(script.instance_name, "node-1");
+        assert_eq!(script.process_name, "python3 app.py");
+
+        // Nothing changed: nothing to report.
+        assert_eq!(scanner.scan().unwrap(), ScanChanges::default());
+    }
+
+    #[test]
+    fn every_rover_template_renders() {
+        let proc = FakeProc::new();
+        let argv = ["/opt/very-long-server-name", "--port", "80"];
+        proc.add(200, "very-long-serve", 1, &argv);
+        let process = concat!(
+            "{{.Process.ExeName}}|{{.Process.ExeFilePath}}|{{.Process.WorkDir}}|",
+            "{{.Process.ExeNameInCommandLine}}|{{.Rover.InstanceID}}|{{.Finder.Layer}}|",
+            r#"{{equalsOrDefault "80" "http" (.Finder.RegexMatchGroup 1)}}|"#,
+            r#"{{"lo" | .Rover.HostIPV4}}|{{.Rover.HostIPV4 "no-such-iface0"}}"#,
+        );
+        let rules = vec![rule(r"--port (\d+)", "svc", "inst", process)];
+        let mut scanner = scanner(rules, facts(None), &proc);
+
+        let changes = scanner.scan().unwrap();
+        let root = proc.path().display();
+        assert_eq!(
+            changes.added[0].process_name,
+            format!(
+                "very-long-server-name|{root}/bin-java|{root}|/opt/very-long-server-name|\
+                 agent-uuid|OS_LINUX|http|127.0.0.1|192.0.2.10"
+            )
+        );
+        assert_eq!(changes.added[0].service_name, "svc");
+    }
+
+    #[test]
+    fn self_kernel_threads_and_zombies_are_never_reported() {
+        let proc = FakeProc::new();
+        proc.add(
+            std::process::id(),
+            "rover-agent",
+            1,
+            &["rover-agent", "run"],
+        );
+        proc.add_raw(2, "kthreadd", 'S', PF_KTHREAD, 1, &[]);
+        proc.add_raw(3, "kworker/0:1", 'I', PF_KTHREAD, 1, &["kworker"]);
+        proc.add_raw(4, "defunct", 'Z', 0, 1, &["defunct"]);
+        proc.add(5, "app", 1, &["app"]);
+        let mut scanner = scanner(vec![rule(".", "s", "i", "p")], facts(None), &proc);
+
+        assert_eq!(pids(&scanner.scan().unwrap()), [5]);
+    }
+
+    #[test]
+    fn exits_reused_pids_and_execs_are_reported() {
+        let proc = FakeProc::new();
+        proc.add(10, "app", 100, &["app", "one"]);
+        proc.add(11, "app", 101, &["app", "two"]);
+        proc.add(12, "app", 102, &["app", "three"]);
+        let rules = vec![rule("^app", "s", "i", "{{.Process.CommandLine}}")];
+        let mut scanner = scanner(rules, facts(None), &proc);
+        assert_eq!(pids(&scanner.scan().unwrap()), [10, 11, 12]);
+
+        // 10 exits; 11 is reused by a new process with the same command line; 12 execs.
+        proc.remove(10);
+        proc.remove(11);
+        proc.add(11, "app", 555, &["app", "two"]);
+        proc.remove(12);
+        proc.add(12, "app2", 102, &["app", "four"]);
+        let changes = scanner.scan().unwrap();
+        assert_eq!(changes.removed, [10, 11, 12]);
+        assert_eq!(pids(&changes), [11, 12]);
+        assert_eq!(changes.added[1].process_name, "app four");
+    }
+
+    #[test]
+    fn changed_names_are_removed_and_added() {
+        let proc = FakeProc::new();
+        proc.add(20, "app", 1, &["app"]);
+        let workdir = proc.path().join("work");
+        fs::create_dir(&workdir).unwrap();
+        let rules = vec![rule("^app", "s", "i", "{{.Process.WorkDir}}")];
+        let mut scanner = scanner(rules, facts(None), &proc);
+        assert_eq!(pids(&scanner.scan().unwrap()), [20]);
+
+        // The process changed its working directory.
+        let cwd = proc.path().join("20/cwd");
+        fs::remove_file(&cwd).unwrap();
+        std::os::unix::fs::symlink(&workdir, &cwd).unwrap();
+        let changes = scanner.scan().unwrap();
+        assert_eq!(changes.removed, [20]);
+        assert_eq!(changes.added[0].process_name, workdir.display().to_string());
+    }
+
+    #[test]
+    fn unreadable_executable_is_not_profilable_and_render_failures_skip_the_process() {
+        let proc = FakeProc::new();
+        proc.add_raw(30, "noexe", 'S', 0, 1, &["noexe"]);
+        proc.add(31, "v6", 1, &["v6"]);
+        let rules = vec![
+            rule("^noexe", "s", "i", "p"),
+            rule("^v6", "s", r#"{{.Rover.HostIPV6 "no-such-iface0"}}"#, "p"),
+            rule(".", "fallback", "i", "p"),
+        ];
+        let mut scanner = scanner(rules, facts(None), &proc);
+        let changes = scanner.scan().unwrap();
+        // 31's rule fails to render: it is skipped, not handed to a later rule.
+        assert_eq!(pids(&changes), [30]);
+        assert_eq!(
+            changes.added[0].properties[3],
+            ("support_ebpf_profiling".to_owned(), "false".to_owned())
+        );
+        assert_eq!(scanner.scan().unwrap(), ScanChanges::default());
+    }
+
+    #[test]
+    fn bad_template_is_an_error_naming_its_key() {
+        let rules = vec![
+            rule("a", "s", "i", "p"),
+            rule("b", "s", "i", "p"),
+            rule("c", "{{.Process.ExeName", "i", "p"),
+        ];
+        let settings = ScannerSettings {
+            period: Duration::from_secs(3),
+            rules,
+        };
+        let Err(error) = HostRuleScanner::new(&settings, facts(None)) else {
+            panic!("a template that does not parse must be refused");
+        };
+        assert!(matches!(error, Error::Template { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains("process_discovery.scanner.regex[2].service_name"),
+            "{message}"
+        );
+        assert!(message.contains("{{.Process.ExeName"), "{message}");
+    }
+
+    #[test]
+    fn finds_a_real_process_and_reports_its_exit() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30.123")
+            .spawn()
+            .unwrap();
+        let rules = vec![rule(
+            r"^sleep 30\.123$",
+            "sleepers",
+            "i",
+            "{{.Process.ExeName}}",
+        )];
+        let settings = ScannerSettings {
+            period: Duration::from_secs(3),
+            rules,
+        };
+        let mut scanner = HostRuleScanner::new(&settings, facts(None)).unwrap();
+
+        let changes = scanner.scan().unwrap();
+        assert_eq!(pids(&changes), [child.id()]);
+        assert_eq!(changes.added[0].process_name, "sleep");
+        assert_eq!(changes.added[0].properties[3].1, "true");
+
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let changes = scanner.scan().unwrap();
+        assert_eq!(changes.removed, [child.id()]);
+        assert!(changes.added.is_empty());
+    }
 }

@@ -52,19 +52,20 @@ pub(crate) struct RuleTemplate {
 }
 
 impl RuleTemplate {
-    pub(crate) fn parse(source: &str) -> Result<Self, gtmpl::error::ParseError> {
+    /// gtmpl's errors are large: boxed, to keep results small.
+    pub(crate) fn parse(source: &str) -> Result<Self, Box<gtmpl::error::ParseError>> {
         let (text, uses_interfaces) = rewrite_methods_with_arguments(source);
         let mut template = gtmpl::Template::default();
         template.add_funcs(FUNCTIONS);
-        template.parse(text)?;
+        template.parse(text).map_err(Box::new)?;
         Ok(Self {
             template,
             uses_interfaces,
         })
     }
 
-    pub(crate) fn render(&self, context: &Context) -> Result<String, gtmpl::error::ExecError> {
-        self.template.render(context)
+    pub(crate) fn render(&self, context: &Context) -> Result<String, Box<gtmpl::error::ExecError>> {
+        self.template.render(context).map_err(Box::new)
     }
 }
 
