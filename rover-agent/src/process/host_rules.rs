@@ -686,6 +686,12 @@ mod tests {
     }
 
     #[test]
+    fn scanner_can_move_to_a_blocking_thread() {
+        fn assert_send<T: Send + 'static>() {}
+        assert_send::<HostRuleScanner>();
+    }
+
+    #[test]
     fn bad_template_is_an_error_naming_its_key() {
         let rules = vec![
             rule("a", "s", "i", "p"),
