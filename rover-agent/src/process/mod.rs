@@ -1,5 +1,13 @@
 //! What the agent knows about processes on this host, from procfs.
 
+pub mod entity;
+pub mod host_ip;
+pub mod host_rules;
+mod rule_template;
+
+pub use entity::{EntityIdentity, EntityNames, ProcessEntity, ProcessOrigin};
+pub use host_rules::{HostFacts, HostRuleScanner, ScanChanges};
+
 /// Whether `pid` is a running process (not gone, not a zombie waiting to be reaped).
 pub fn is_alive(pid: u32) -> bool {
     procfs_process(pid)
