@@ -4,6 +4,7 @@
 mod backoff;
 mod connection;
 mod reporter;
+mod task_command;
 mod upload;
 
 use std::path::PathBuf;
@@ -11,6 +12,10 @@ use std::path::PathBuf;
 pub use backoff::Backoff;
 pub use connection::Backend;
 pub use reporter::{ProcessDirectory, ProcessReporter};
+pub use task_command::{
+    ProfilingTarget, ProfilingTaskCommand, TaskCommandError, TaskSchedule, TaskWatermark,
+    parse_task_commands,
+};
 pub use upload::{UploadBuffer, UploadStats, UploadTask, Uploader, encode_window};
 
 /// What talking to the OAP can fail with.
@@ -37,7 +42,7 @@ pub enum Error {
 }
 
 impl Error {
-    fn call(call: &'static str, backend: &Backend, status: tonic::Status) -> Self {
+    pub(crate) fn call(call: &'static str, backend: &Backend, status: tonic::Status) -> Self {
         Self::Call {
             call,
             addr: backend.addr().to_owned(),

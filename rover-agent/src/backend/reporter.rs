@@ -14,7 +14,7 @@ use rover_proto::v3::{
 use tracing::{debug, info};
 
 use super::{Backend, Error};
-use crate::process::ProcessEntity;
+use crate::process::{EntityIdentity, ProcessEntity};
 
 /// Processes per report call: keeps a message far below gRPC's 4 MiB default limit.
 const REPORT_CHUNK: usize = 500;
@@ -121,7 +121,7 @@ impl ProcessReporter {
     /// `properties_report_period` heartbeats and after lost contact), keeps the rest alive.
     pub async fn heartbeat(&mut self) -> Result<(), Error> {
         self.heartbeats += 1;
-        let full = self.lost_contact || (self.heartbeats - 1) % self.full_report_every == 0;
+        let full = self.lost_contact || (self.heartbeats - 1).is_multiple_of(self.full_report_every);
         let result = self.exchange(full).await;
         self.lost_contact = result.is_err();
         result
@@ -232,7 +232,7 @@ impl ProcessReporter {
                 continue;
             };
             if downstream.process_id.is_empty()
-                || identity(&entity_metadata(&process.entity)) != identity(entity)
+                || process.entity.identity() != identity(entity)
             {
                 continue;
             }
@@ -256,16 +256,13 @@ fn entity_metadata(entity: &ProcessEntity) -> EbpfProcessEntityMetadata {
     }
 }
 
-/// What names a process to the OAP: its entity, labels in any order.
-fn identity(entity: &EbpfProcessEntityMetadata) -> (&str, &str, &str, &str, Vec<&str>) {
-    let mut labels: Vec<&str> = entity.labels.iter().map(String::as_str).collect();
-    labels.sort_unstable();
-    (
+fn identity(entity: &EbpfProcessEntityMetadata) -> EntityIdentity {
+    EntityIdentity::new(
         &entity.layer,
         &entity.service_name,
         &entity.instance_name,
         &entity.process_name,
-        labels,
+        &entity.labels,
     )
 }
 

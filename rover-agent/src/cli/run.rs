@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::EngineArgs;
 use crate::config::Settings;
-use crate::process::{HostScanner, host_ip};
+use crate::process::{HostFacts, HostRuleScanner};
 use crate::task::{Agent, run_node};
 
 #[derive(Debug, Args)]
@@ -41,10 +41,13 @@ pub(super) fn run(args: &RunArgs, verbose: u8) -> anyhow::Result<ExitCode> {
     let agent_config = engine
         .agent_config()
         .context("profiling.task.on_cpu.dump_period / rover_rs settings")?;
+    // One id for the agent's life, sent as both ebpfAgentID and roverInstanceId.
+    let agent_id = uuid::Uuid::new_v4().to_string();
     let scanner = match &settings.discovery.scanner {
         Some(scanner) => {
-            let ip = host_ip(None).context("finding this node's IP address")?;
-            Some(HostScanner::new(scanner, settings.cluster_name.as_deref(), ip)?)
+            let facts = HostFacts::detect(settings.cluster_name.clone(), None, agent_id.clone())
+                .context("finding this node's IP address")?;
+            Some(HostRuleScanner::new(scanner, facts)?)
         }
         None => None,
     };
@@ -54,7 +57,7 @@ pub(super) fn run(args: &RunArgs, verbose: u8) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let agent = Agent::start(agent_config)?;
-    runtime.block_on(run_node(agent, &settings, scanner, async {
+    runtime.block_on(run_node(agent, agent_id, &settings, scanner, async {
         let signal = super::stop_signal().await;
         info!("{signal} received");
     }))?;

@@ -86,13 +86,31 @@ impl ProcessEntity {
 
     /// The identity a backend reply is matched by (with the pid).
     pub fn identity(&self) -> EntityIdentity {
-        let mut labels = self.labels.clone();
+        EntityIdentity::new(
+            &self.layer,
+            &self.service_name,
+            &self.instance_name,
+            &self.process_name,
+            &self.labels,
+        )
+    }
+}
+
+impl EntityIdentity {
+    pub fn new(
+        layer: &str,
+        service_name: &str,
+        instance_name: &str,
+        process_name: &str,
+        labels: &[String],
+    ) -> Self {
+        let mut labels = labels.to_vec();
         labels.sort_unstable();
-        EntityIdentity {
-            layer: self.layer.clone(),
-            service_name: self.service_name.clone(),
-            instance_name: self.instance_name.clone(),
-            process_name: self.process_name.clone(),
+        Self {
+            layer: layer.to_owned(),
+            service_name: service_name.to_owned(),
+            instance_name: instance_name.to_owned(),
+            process_name: process_name.to_owned(),
             labels,
         }
     }

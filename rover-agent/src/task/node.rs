@@ -12,7 +12,7 @@ use super::Agent;
 use super::backend_tasks::BackendTasks;
 use crate::backend::{Backend, Backoff, ProcessDirectory, ProcessReporter, UploadBuffer, Uploader};
 use crate::config::Settings;
-use crate::process::{HostScanner, ProcessChange};
+use crate::process::HostRuleScanner;
 
 /// Retries after a failed call start here and double up to the period of what failed.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -21,13 +21,13 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// recorded (within the configured deadline) and returns.
 pub async fn run_node(
     agent: Agent,
+    agent_id: String,
     settings: &Settings,
-    scanner: Option<HostScanner>,
+    scanner: Option<HostRuleScanner>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let agent = Arc::new(agent);
     let backend = Backend::new(&settings.backend).context("setting up the backend connection")?;
-    let agent_id = uuid::Uuid::new_v4().to_string();
     info!(agent_id, backend = backend.addr(), "node agent started");
     let directory = ProcessDirectory::default();
     let buffer = Arc::new(UploadBuffer::new(
@@ -46,6 +46,11 @@ pub async fn run_node(
     let discovery = tokio::spawn(discover_and_report(
         reporter,
         scanner,
+        settings
+            .discovery
+            .scanner
+            .as_ref()
+            .map_or(Duration::MAX, |scanner| scanner.period),
         settings.discovery.heartbeat_period,
         stop.clone(),
     ));
@@ -101,11 +106,11 @@ pub async fn run_node(
 /// heartbeat is retried sooner, with backoff.
 async fn discover_and_report(
     mut reporter: ProcessReporter,
-    mut scanner: Option<HostScanner>,
+    mut scanner: Option<HostRuleScanner>,
+    scan_period: Duration,
     heartbeat: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let scan_period = scanner.as_ref().map_or(Duration::MAX, HostScanner::period);
     let mut next_scan = tokio::time::Instant::now();
     let mut next_heartbeat = tokio::time::Instant::now();
     let mut backoff = Backoff::new(FIRST_RETRY, heartbeat);
@@ -121,16 +126,21 @@ async fn discover_and_report(
             })
             .await
             {
-                Ok((owned, changes)) => {
+                Ok((owned, Ok(changes))) => {
                     scanner = Some(owned);
-                    for change in changes {
-                        match change {
-                            ProcessChange::Added(entity) => reporter.added(entity),
-                            ProcessChange::Removed(pid) => reporter.removed(pid),
-                        }
+                    // A pid in both lists was replaced (reused, exec, renamed).
+                    for pid in changes.removed {
+                        reporter.removed(pid);
+                    }
+                    for entity in changes.added {
+                        reporter.added(entity);
                     }
                 }
-                Err(error) => warn!("the process scan failed: {error}; host rules are off"),
+                Ok((owned, Err(error))) => {
+                    scanner = Some(owned);
+                    warn!("scanning host processes: {error}");
+                }
+                Err(error) => warn!("the process scan panicked: {error}; host rules are off"),
             }
             next_scan += scan_period;
         }
