@@ -1,7 +1,9 @@
 //! rover-agent: an eBPF profiling node agent for Apache SkyWalking.
 //!
 //! Data flows `bpf` (kernel aggregates → raw stacks) → `symbolize` (addresses → frames) →
-//! `profile` (data model, file exporters); `task` wires them together; `cli` is the front end.
+//! `profile` (data model, file exporters); `backend` talks to the SkyWalking OAP; `process` finds
+//! the processes it is told of; `config` reads the node agent's file; `task` wires them
+//! together; `cli` is the front end.
 
 pub mod backend;
 pub mod bpf;

@@ -152,7 +152,7 @@ fn parse_task_command(command: &Command) -> Result<ProfilingTaskCommand, TaskCom
             "is not a representable time",
         )
     })?;
-    let (extension_config, warning) = args.extension_config(target)?;
+    let (extension_config, warning) = args.extension_config(task_id, target)?;
     Ok(ProfilingTaskCommand {
         task_id: task_id.to_owned(),
         process_ids,
@@ -291,12 +291,9 @@ impl Args<'_> {
     /// Absent, blank or `null` → `None`; a JSON object → kept. Anything else is an error for
     /// NETWORK (it would sample with settings nobody asked for) and a warning for the CPU
     /// targets, which never read it.
-    #[expect(
-        clippy::type_complexity,
-        reason = "a value and its warning, named at the one call site"
-    )]
     fn extension_config(
         &self,
+        task_id: &str,
         target: ProfilingTarget,
     ) -> Result<(Option<serde_json::Value>, Option<TaskCommandError>), TaskCommandError> {
         let Some(raw) = self.get(EXTENSION_CONFIG) else {
@@ -316,7 +313,7 @@ impl Args<'_> {
             ProfilingTarget::OnCpu | ProfilingTarget::OffCpu => Ok((
                 None,
                 Some(TaskCommandError::IgnoredExtensionConfig {
-                    task_id: self.task_id.clone().unwrap_or_default(),
+                    task_id: task_id.to_owned(),
                     value: raw.to_owned(),
                     reason,
                 }),
@@ -360,8 +357,9 @@ impl ProfilingTaskCommand {
 ///
 /// Starts at 0 (everything). The caller [`observe`](Self::observe)s only the commands it
 /// handled; a command it could not place yet (its processes are not known locally) or could not
-/// parse leaves the watermark alone, so the OAP sends it again. A skipped command older than a
-/// handled one in the same reply is still passed over, as the OAP only compares update times.
+/// parse leaves the watermark alone, so the OAP sends it again (a malformed one on every poll,
+/// until a newer handled task passes it). A skipped command older than a handled one in the same
+/// reply is still passed over, as the OAP only compares update times.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TaskWatermark {
     latest_ms: i64,
