@@ -317,3 +317,167 @@ impl Uploader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{Frame, ProcessLabel, ValueType};
+
+    fn frame(kind: FrameKind, function: Option<&str>) -> Frame {
+        Frame {
+            kind,
+            function: function.map(str::to_owned),
+            module: Some("m".to_owned()),
+            address: 1,
+            file: None,
+            line: None,
+            inlined: false,
+        }
+    }
+
+    fn task(off_cpu: bool) -> UploadTask {
+        UploadTask {
+            task_id: "t1".to_owned(),
+            profiling_start: UNIX_EPOCH + Duration::from_secs(100),
+            end: UNIX_EPOCH + Duration::from_secs(110),
+            off_cpu,
+        }
+    }
+
+    fn profile(value_types: Vec<ValueType>) -> Profile {
+        let mut profile = Profile::new(value_types, UNIX_EPOCH + Duration::from_secs(105));
+        // Ends after the task: currentTime is clamped to the task's end.
+        profile.duration = Duration::from_secs(30);
+        profile
+    }
+
+    fn ids() -> HashMap<u32, String> {
+        HashMap::from([(1, "p1".to_owned()), (2, "p2".to_owned())])
+    }
+
+    #[test]
+    fn stacks_go_leaf_first_split_by_space_with_the_task_on_each_batch() {
+        let mut profile = profile(vec![
+            ValueType::new("samples", "count"),
+            ValueType::new("cpu", "nanoseconds"),
+        ]);
+        let stack = [
+            frame(FrameKind::User, Some("main")),
+            frame(FrameKind::User, None),
+            frame(FrameKind::User, Some("leaf")),
+            frame(FrameKind::Kernel, Some("entry")),
+            frame(FrameKind::Kernel, Some("do_work")),
+        ];
+        let one = ProcessLabel {
+            pid: 1,
+            name: "a".to_owned(),
+        };
+        profile.add(&one, &stack, &[3, 30]);
+        profile.add(&one, &stack[..2], &[1, 10]);
+        let other = ProcessLabel {
+            pid: 2,
+            name: "b".to_owned(),
+        };
+        profile.add(&other, &stack[..1], &[2, 20]);
+        // Not a process of the task.
+        let stranger = ProcessLabel {
+            pid: 3,
+            name: "c".to_owned(),
+        };
+        profile.add(&stranger, &stack[..1], &[9, 90]);
+
+        let batches = encode_window(&task(false), &ids(), &profile);
+        assert_eq!(batches.len(), 2);
+        let first = &batches[0];
+        assert_eq!(first.metadata.process_id, "p1");
+        assert_eq!(first.metadata.profiling_start_time, 100_000);
+        assert_eq!(first.metadata.current_time, 110_000);
+        assert_eq!(first.messages(), 2);
+        let Some(ebpf_profiling_data::Profiling::OnCpu(on_cpu)) = &first.messages[0].profiling
+        else {
+            panic!("not on-CPU: {:?}", first.messages[0]);
+        };
+        assert_eq!(on_cpu.dump_count, 3);
+        let kernel = &on_cpu.stacks[0];
+        assert_eq!(kernel.stack_type, EbpfProfilingStackType::ProcessKernelSpace as i32);
+        assert_eq!(kernel.stack_symbols, ["do_work", "entry"]);
+        let user = &on_cpu.stacks[1];
+        assert_eq!(user.stack_type, EbpfProfilingStackType::ProcessUserSpace as i32);
+        assert_eq!(user.stack_symbols, ["leaf", MISSING, "main"]);
+        assert_eq!(batches[1].metadata.process_id, "p2");
+    }
+
+    #[test]
+    fn off_cpu_values_are_scaled_once_per_stack() {
+        let mut profile = profile(vec![
+            ValueType::new("switches", "count"),
+            ValueType::new("off_cpu", "nanoseconds"),
+        ]);
+        profile.set_scale(0, 1.0 / 0.3);
+        profile.set_scale(1, 1.0 / 0.3);
+        let one = ProcessLabel {
+            pid: 1,
+            name: "a".to_owned(),
+        };
+        profile.add(&one, &[frame(FrameKind::User, Some("sleep"))], &[3, 3_000]);
+        let batches = encode_window(&task(true), &ids(), &profile);
+        let Some(ebpf_profiling_data::Profiling::OffCpu(off_cpu)) =
+            &batches[0].messages[0].profiling
+        else {
+            panic!("not off-CPU");
+        };
+        assert_eq!(off_cpu.switch_count, 10);
+        assert_eq!(off_cpu.duration, 10_000);
+    }
+
+    fn batch(process_id: &str, messages: usize) -> WindowBatch {
+        let message = EbpfProfilingData {
+            task: None,
+            profiling: Some(ebpf_profiling_data::Profiling::OnCpu(EbpfOnCpuProfiling {
+                stacks: Vec::new(),
+                dump_count: 1,
+            })),
+        };
+        WindowBatch {
+            metadata: EbpfProfilingTaskMetadata {
+                task_id: "t".to_owned(),
+                process_id: process_id.to_owned(),
+                profiling_start_time: 1,
+                current_time: 2,
+            },
+            bytes: message.encoded_len() * messages,
+            messages: std::iter::repeat_n(message, messages).collect(),
+        }
+    }
+
+    #[test]
+    fn a_full_buffer_drops_the_oldest_batches_and_counts_them() {
+        let size = batch("a", 10).bytes();
+        let buffer = UploadBuffer::new(size * 2);
+        buffer.push(vec![batch("a", 10)]);
+        buffer.push(vec![batch("b", 10), batch("c", 10)]);
+        let stats = buffer.stats();
+        assert_eq!(stats.batches_dropped, 1);
+        assert_eq!(stats.bytes_dropped, size as u64);
+        assert_eq!(stats.batches_buffered, 2);
+        let mut started = false;
+        let first = buffer.next_message(&mut started).expect("a message");
+        assert_eq!(first.task.map(|task| task.process_id).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_batch_cut_by_a_failed_stream_starts_again_with_its_task() {
+        let buffer = UploadBuffer::new(usize::MAX);
+        buffer.push(vec![batch("a", 3)]);
+        let mut started = false;
+        assert!(buffer.next_message(&mut started).unwrap().task.is_some());
+        assert!(buffer.next_message(&mut started).unwrap().task.is_none());
+        // The stream failed: the next one starts afresh.
+        let mut started = false;
+        let resumed = buffer.next_message(&mut started).unwrap();
+        assert_eq!(resumed.task.map(|task| task.process_id).as_deref(), Some("a"));
+        assert!(buffer.next_message(&mut started).is_none());
+        assert_eq!(buffer.stats().batches_buffered, 0);
+        assert_eq!(buffer.stats().bytes_buffered, 0);
+    }
+}
