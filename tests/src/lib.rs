@@ -11,6 +11,7 @@ use rover_agent::bpf::{DEFAULT_MAP_MEMORY_BYTES, ProfilerSettings, check_privile
 use rover_agent::symbolize::{DEFAULT_SYMBOL_CACHE_BYTES, SymbolizerConfig};
 use rover_agent::task::{AgentConfig, ProfileWindow, WindowSink};
 
+pub mod fake_oap;
 pub mod pprof;
 
 /// An agent configuration for library-API tests: `frequency_hz`, exact off-CPU, drains every
