@@ -482,3 +482,95 @@ async fn tls_works_with_the_generated_ca_and_fails_with_another() {
     assert!(refused, "a client trusting another CA must fail");
     assert_eq!(fake.recorded().process_reports.len(), 1);
 }
+
+/// The demo binary, driven by a hand-made agent: report a process, pick up the task, upload,
+/// and get the folded stacks and the SVG.
+#[tokio::test]
+async fn the_demo_binary_hands_out_a_task_and_draws_what_it_received() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let svg = dir.path().join("demo.svg");
+    let mut binary = tokio::process::Command::new(env!("CARGO_BIN_EXE_fake-oap"))
+        .args(["--port", &port.to_string(), "--process-name", "demo"])
+        .args([
+            "--duration",
+            "1",
+            "--quiet",
+            "1",
+            "--timeout",
+            "30",
+            "--output",
+        ])
+        .arg(&svg)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting fake-oap");
+
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut channel = None;
+    for _ in 0..100 {
+        if let Ok(connected) = Channel::from_shared(endpoint.clone())
+            .expect("endpoint")
+            .connect()
+            .await
+        {
+            channel = Some(connected);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let channel = channel.expect("fake-oap listens");
+    let reply = EbpfProcessServiceClient::new(channel.clone())
+        .report_processes(report(vec![host_process(entity("svc", "inst", "demo"), 9)]))
+        .await
+        .expect("reportProcesses")
+        .into_inner();
+    let process = reply.processes[0].process_id.clone();
+
+    let mut profiling = EbpfProfilingServiceClient::new(channel);
+    let mut task = None;
+    for _ in 0..100 {
+        let commands = profiling
+            .query_tasks(EbpfProfilingTaskQuery {
+                rover_instance_id: "agent-1".to_owned(),
+                latest_update_time: 0,
+            })
+            .await
+            .expect("queryTasks")
+            .into_inner()
+            .commands;
+        if let Some(command) = commands.first() {
+            assert_eq!(arg(command, "ProcessId"), process);
+            assert_eq!(arg(command, "TargetType"), "ON_CPU");
+            task = Some(arg(command, "TaskId").to_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let task = task.expect("a task for the reported process");
+    let data = on_cpu(
+        Some(task_metadata(&task, &process, now_ms())),
+        vec![stack(
+            EbpfProfilingStackType::ProcessUserSpace,
+            &["spin", "main"],
+        )],
+        7,
+    );
+    profiling
+        .collect_profiling_data(tokio_stream::iter(vec![data]))
+        .await
+        .expect("collectProfilingData");
+
+    let output = tokio::time::timeout(Duration::from_secs(30), async { binary.wait().await })
+        .await
+        .expect("fake-oap exits")
+        .expect("fake-oap status");
+    assert!(output.success(), "fake-oap failed: {output}");
+    let folded = std::fs::read_to_string(dir.path().join("demo.folded")).expect("folded");
+    assert_eq!(folded, "main;spin 7\n");
+    let svg = std::fs::read_to_string(&svg).expect("svg");
+    assert!(svg.contains("<svg") && svg.contains("spin"), "{svg}");
+}
