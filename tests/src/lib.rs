@@ -1,5 +1,6 @@
 //! Shared by the integration tests: BPF availability, serialization of tests that measure the
-//! machine, the workloads with known ground truth, the agent binary and folded-output parsing.
+//! machine, the workloads with known ground truth, the agent binary, folded-output parsing,
+//! and a fake SkyWalking OAP ([`fake_oap`]) for end-to-end tests and the demo.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
