@@ -1,5 +1,6 @@
 //! Shared by the integration tests: BPF availability, serialization of tests that measure the
-//! machine, the workloads with known ground truth, the agent binary and folded-output parsing.
+//! machine, the workloads with known ground truth, the agent binary, folded-output parsing,
+//! and a fake SkyWalking OAP ([`fake_oap`]) for end-to-end tests and the demo.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use rover_agent::bpf::{DEFAULT_MAP_MEMORY_BYTES, ProfilerSettings, check_privile
 use rover_agent::symbolize::{DEFAULT_SYMBOL_CACHE_BYTES, SymbolizerConfig};
 use rover_agent::task::{AgentConfig, ProfileWindow, WindowSink};
 
+pub mod fake_oap;
 pub mod pprof;
 
 /// An agent configuration for library-API tests: `frequency_hz`, exact off-CPU, drains every
