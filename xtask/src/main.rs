@@ -31,9 +31,13 @@ enum Task {
     },
     /// Profile a bundled demo workload for a few seconds and write a flame graph.
     Demo {
-        /// Where to write the flame graph.
-        #[arg(long, default_value = "demo.svg")]
-        output: PathBuf,
+        /// Where to write the flame graph [default: demo.svg, node-agent-demo.svg].
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Run the agent as a node agent (`rover-agent run`) against the in-repo fake OAP on
+        /// loopback, which hands out an ON_CPU task and draws what it received.
+        #[arg(long)]
+        node_agent: bool,
     },
     /// Measure the agent's overhead against reference tools, side by side.
     Bench {
@@ -52,7 +56,13 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
-        Task::Demo { output } => demo::run_demo(&output),
+        Task::Demo { output, node_agent } => {
+            if node_agent {
+                demo::run_node_agent_demo(&output.unwrap_or_else(|| "node-agent-demo.svg".into()))
+            } else {
+                demo::run_demo(&output.unwrap_or_else(|| "demo.svg".into()))
+            }
+        }
         Task::Bench { bench } => bench::run(bench),
         Task::Soak { minutes } => soak::run(minutes),
     }

@@ -53,3 +53,17 @@ pub(crate) fn build_harness() -> anyhow::Result<PathBuf> {
     ]))?;
     Ok(root.join("target/release/agent-harness"))
 }
+
+/// Builds the in-repo fake SkyWalking OAP (tests/src/bin/fake-oap.rs) and returns its path.
+pub(crate) fn build_fake_oap() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    run(crate::cargo(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "integration-tests",
+        "--bin",
+        "fake-oap",
+    ]))?;
+    Ok(root.join("target/release/fake-oap"))
+}

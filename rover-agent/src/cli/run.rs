@@ -29,6 +29,18 @@ pub(super) fn run(args: &RunArgs, verbose: u8) -> anyhow::Result<ExitCode> {
     for warning in &loaded.warnings {
         warn!("{}: {warning}", args.config.display());
     }
+    if settings.discovery.kubernetes.active {
+        warn!(
+            "process_discovery.kubernetes: Kubernetes discovery is not in this version of \
+             rover-rs; only host rules (process_discovery.scanner) report processes"
+        );
+    }
+    if settings.discovery.scanner.is_none() {
+        warn!(
+            "no process_discovery.scanner rules: no process is reported, so the OAP can hand \
+             out no task (see configs/rover.yaml)"
+        );
+    }
     crate::bpf::require_privilege().context("rover-agent run profiles processes")?;
     let engine = EngineArgs {
         frequency: Some(frequency_hz(settings.profiling.on_cpu_dump_period)),
