@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use rover_proto::v3::ebpf_process_service_client::EbpfProcessServiceClient;
 use rover_proto::v3::ebpf_profiling_service_client::EbpfProfilingServiceClient;
+use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tokio_rustls::rustls;
 use tonic::transport::{Channel, Endpoint};
 
 use super::Error;
@@ -20,8 +20,6 @@ use crate::config::{BackendSettings, TlsSettings};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A call the OAP accepted but does not answer fails after this (uploads included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// HTTP/2 pings find a dead OAP (a crashed node, a dropped route) that TCP would not report.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The channel to the OAP, cheap to clone. It connects lazily and reconnects by itself: a call
 /// made while the OAP is unreachable fails and the caller retries.
@@ -47,7 +45,9 @@ impl Backend {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            // Rover's connection check: HTTP/2 pings find a dead OAP (a crashed node, a dropped
+            // route) that TCP would not report.
+            .http2_keep_alive_interval(settings.check_period)
             .keep_alive_while_idle(true);
         let channel = match &settings.tls {
             None => endpoint.connect_lazy(),
@@ -60,10 +60,7 @@ impl Backend {
         };
         let authentication = match settings.authentication.as_deref() {
             None => None,
-            Some(token) => Some(
-                MetadataValue::try_from(token)
-                    .map_err(|_| Error::Authentication)?,
-            ),
+            Some(token) => Some(MetadataValue::try_from(token).map_err(|_| Error::Authentication)?),
         };
         Ok(Self {
             channel: InterceptedService::new(channel, Authentication(authentication)),
@@ -90,9 +87,14 @@ impl Backend {
 pub struct Authentication(Option<MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for Authentication {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(token) = &self.0 {
-            request.metadata_mut().insert("authentication", token.clone());
+            request
+                .metadata_mut()
+                .insert("authentication", token.clone());
         }
         Ok(request)
     }
@@ -122,13 +124,12 @@ impl TlsConnector {
         let mut config = match &settings.client {
             Some(client) => {
                 let chain = read_certificates(&client.pem_path)?;
-                let key =
-                    PrivateKeyDer::from_pem_file(&client.key_path).map_err(|error| {
-                        Error::TlsFile {
-                            path: client.key_path.clone(),
-                            problem: error.to_string(),
-                        }
-                    })?;
+                let key = PrivateKeyDer::from_pem_file(&client.key_path).map_err(|error| {
+                    Error::TlsFile {
+                        path: client.key_path.clone(),
+                        problem: error.to_string(),
+                    }
+                })?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|error| Error::Tls(format!("client certificate: {error}")))?
@@ -147,9 +148,12 @@ impl TlsConnector {
     async fn connect(
         self,
         uri: http::Uri,
-    ) -> std::io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>
-    {
-        let host = uri.host().map(|host| host.trim_start_matches('[').trim_end_matches(']'));
+    ) -> std::io::Result<
+        hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    > {
+        let host = uri
+            .host()
+            .map(|host| host.trim_start_matches('[').trim_end_matches(']'));
         let (Some(host), Some(port)) = (host, uri.port_u16()) else {
             return Err(std::io::Error::other(format!("no host and port in {uri}")));
         };

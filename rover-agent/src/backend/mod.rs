@@ -14,7 +14,7 @@ pub use connection::Backend;
 pub use reporter::{ProcessDirectory, ProcessReporter};
 pub use task_command::{
     ProfilingTarget, ProfilingTaskCommand, TaskCommandError, TaskSchedule, TaskWatermark,
-    parse_task_commands,
+    query_tasks,
 };
 pub use upload::{UploadBuffer, UploadStats, UploadTask, Uploader, encode_window};
 
@@ -42,7 +42,7 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn call(call: &'static str, backend: &Backend, status: tonic::Status) -> Self {
+    fn call(call: &'static str, backend: &Backend, status: tonic::Status) -> Self {
         Self::Call {
             call,
             addr: backend.addr().to_owned(),

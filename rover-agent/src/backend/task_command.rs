@@ -8,7 +8,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rover_proto::v3::{Command, Commands};
+use rover_proto::v3::{Command, Commands, EbpfProfilingTaskQuery};
+
+use super::{Backend, Error};
 
 /// The only command name `queryTasks` replies carry.
 const TASK_QUERY: &str = "EBPFProfilingTaskQuery";
@@ -375,6 +377,24 @@ impl TaskWatermark {
     pub fn latest_ms(&self) -> i64 {
         self.latest_ms
     }
+}
+
+/// One `queryTasks`: the tasks updated after `watermark`, parsed (each may have failed).
+pub async fn query_tasks(
+    backend: &Backend,
+    agent_id: &str,
+    watermark: &TaskWatermark,
+) -> Result<Vec<Result<ProfilingTaskCommand, TaskCommandError>>, Error> {
+    let reply = backend
+        .profiling()
+        .query_tasks(EbpfProfilingTaskQuery {
+            rover_instance_id: agent_id.to_owned(),
+            latest_update_time: watermark.latest_ms(),
+        })
+        .await
+        .map_err(|status| Error::call("queryTasks", backend, status))?
+        .into_inner();
+    Ok(parse_task_commands(&reply))
 }
 
 #[cfg(test)]

@@ -148,8 +148,9 @@ fn clamp_i32(value: u64) -> i32 {
 }
 
 fn epoch_ms(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+    time.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+    })
 }
 
 /// What the buffer has done, for logs and the summary.
@@ -399,10 +400,16 @@ mod tests {
         };
         assert_eq!(on_cpu.dump_count, 3);
         let kernel = &on_cpu.stacks[0];
-        assert_eq!(kernel.stack_type, EbpfProfilingStackType::ProcessKernelSpace as i32);
+        assert_eq!(
+            kernel.stack_type,
+            EbpfProfilingStackType::ProcessKernelSpace as i32
+        );
         assert_eq!(kernel.stack_symbols, ["do_work", "entry"]);
         let user = &on_cpu.stacks[1];
-        assert_eq!(user.stack_type, EbpfProfilingStackType::ProcessUserSpace as i32);
+        assert_eq!(
+            user.stack_type,
+            EbpfProfilingStackType::ProcessUserSpace as i32
+        );
         assert_eq!(user.stack_symbols, ["leaf", MISSING, "main"]);
         assert_eq!(batches[1].metadata.process_id, "p2");
     }
@@ -475,7 +482,10 @@ mod tests {
         // The stream failed: the next one starts afresh.
         let mut started = false;
         let resumed = buffer.next_message(&mut started).unwrap();
-        assert_eq!(resumed.task.map(|task| task.process_id).as_deref(), Some("a"));
+        assert_eq!(
+            resumed.task.map(|task| task.process_id).as_deref(),
+            Some("a")
+        );
         assert!(buffer.next_message(&mut started).is_none());
         assert_eq!(buffer.stats().batches_buffered, 0);
         assert_eq!(buffer.stats().bytes_buffered, 0);

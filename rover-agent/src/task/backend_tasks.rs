@@ -10,7 +10,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rover_proto::v3::EbpfProfilingTaskQuery;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -20,7 +19,7 @@ use super::upload_sink::UploadSink;
 use super::{Agent, TaskNotice, TaskSpec};
 use crate::backend::{
     self, Backend, ProcessDirectory, ProfilingTarget, ProfilingTaskCommand, TaskSchedule,
-    TaskWatermark, UploadBuffer, UploadTask, parse_task_commands,
+    TaskWatermark, UploadBuffer, UploadTask, query_tasks,
 };
 use crate::bpf::{ProfilerKind, TargetOptions, Targets};
 
@@ -83,17 +82,8 @@ impl BackendTasks {
     /// One `queryTasks`, and what its reply asks for.
     pub async fn poll(&mut self) -> Result<(), backend::Error> {
         self.runs.retain(|_, run| !run.join.is_finished());
-        let reply = self
-            .backend
-            .profiling()
-            .query_tasks(EbpfProfilingTaskQuery {
-                rover_instance_id: self.agent_id.clone(),
-                latest_update_time: self.watermark.latest_ms(),
-            })
-            .await
-            .map_err(|status| backend::Error::call("queryTasks", &self.backend, status))?
-            .into_inner();
-        for command in parse_task_commands(&reply) {
+        let commands = query_tasks(&self.backend, &self.agent_id, &self.watermark).await?;
+        for command in commands {
             match command {
                 Ok(command) => self.handle(command).await,
                 Err(error) => {
@@ -164,7 +154,11 @@ impl BackendTasks {
                 let _ = run.control.send(RunControl::Extend(command.duration));
                 return;
             }
-            info!(task_id, replaced = run.task_id, "task replaces the running one");
+            info!(
+                task_id,
+                replaced = run.task_id,
+                "task replaces the running one"
+            );
         }
         if let Some(old) = self.runs.remove(&key) {
             let _ = old.control.send(RunControl::Stop);

@@ -88,7 +88,10 @@ pub async fn run_node(
     })
     .await;
     if finished.is_err() {
-        warn!(?deadline, "shutdown deadline passed: windows still queued are dropped");
+        warn!(
+            ?deadline,
+            "shutdown deadline passed: windows still queued are dropped"
+        );
     }
     let stats = buffer.stats();
     info!(
