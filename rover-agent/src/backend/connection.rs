@@ -2,6 +2,7 @@
 //! `authentication` metadata on every call.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rover_proto::v3::ebpf_process_service_client::EbpfProcessServiceClient;
@@ -27,6 +28,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Backend {
     channel: InterceptedService<Channel, Authentication>,
     addr: String,
+    /// Set by any failed call (an upload, a task poll, ...): the OAP may have restarted
+    /// meanwhile and forgotten this agent's processes.
+    contact_lost: Arc<AtomicBool>,
 }
 
 pub type ProcessClient = EbpfProcessServiceClient<InterceptedService<Channel, Authentication>>;
@@ -65,12 +69,22 @@ impl Backend {
         Ok(Self {
             channel: InterceptedService::new(channel, Authentication(authentication)),
             addr,
+            contact_lost: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// `host:port` of the OAP, for messages.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    pub(super) fn lost_contact(&self) {
+        self.contact_lost.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a call failed since the last time this was asked.
+    pub(super) fn take_lost_contact(&self) -> bool {
+        self.contact_lost.swap(false, Ordering::Relaxed)
     }
 
     pub fn processes(&self) -> ProcessClient {

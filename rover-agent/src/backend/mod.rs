@@ -43,6 +43,7 @@ pub enum Error {
 
 impl Error {
     fn call(call: &'static str, backend: &Backend, status: tonic::Status) -> Self {
+        backend.lost_contact();
         Self::Call {
             call,
             addr: backend.addr().to_owned(),

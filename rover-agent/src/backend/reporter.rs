@@ -59,8 +59,6 @@ pub struct ProcessReporter {
     full_report_every: u64,
     processes: BTreeMap<u32, Reported>,
     heartbeats: u64,
-    /// A call failed since the last full report: the OAP may have restarted.
-    lost_contact: bool,
     directory: ProcessDirectory,
 }
 
@@ -77,7 +75,6 @@ impl ProcessReporter {
             full_report_every: u64::from(full_report_every.max(1)),
             processes: BTreeMap::new(),
             heartbeats: 0,
-            lost_contact: false,
             directory,
         }
     }
@@ -106,11 +103,10 @@ impl ProcessReporter {
     /// `properties_report_period` heartbeats and after lost contact), keeps the rest alive.
     pub async fn heartbeat(&mut self) -> Result<(), Error> {
         self.heartbeats += 1;
-        let full =
-            self.lost_contact || (self.heartbeats - 1).is_multiple_of(self.full_report_every);
-        let result = self.exchange(full).await;
-        self.lost_contact = result.is_err();
-        result
+        // After any failed call (this one's or another module's) the OAP may have restarted.
+        let full = self.backend.take_lost_contact()
+            || (self.heartbeats - 1).is_multiple_of(self.full_report_every);
+        self.exchange(full).await
     }
 
     async fn exchange(&mut self, full: bool) -> Result<(), Error> {
