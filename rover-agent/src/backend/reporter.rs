@@ -252,3 +252,94 @@ fn pair(key: &str, value: &str) -> KeyStringValuePair {
         value: value.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rover_proto::v3::{EbpfHostProcessDownstream, EbpfProcessDownstream};
+
+    use super::*;
+    use crate::config::{BackendAddr, BackendSettings};
+    use crate::process::EntityNames;
+
+    fn reporter(directory: ProcessDirectory) -> ProcessReporter {
+        let settings = BackendSettings {
+            addr: BackendAddr {
+                host: "127.0.0.1".to_owned(),
+                port: 1,
+            },
+            tls: None,
+            check_period: Duration::from_secs(5),
+            authentication: None,
+        };
+        let backend = Backend::new(&settings).expect("a lazy channel");
+        ProcessReporter::new(backend, "agent".to_owned(), 10, directory)
+    }
+
+    fn entity(pid: u32, process_name: &str) -> ProcessEntity {
+        ProcessEntity::host(
+            pid,
+            EntityNames {
+                layer: "OS_LINUX".to_owned(),
+                service_name: "svc".to_owned(),
+                instance_name: "node".to_owned(),
+                process_name: process_name.to_owned(),
+                labels: vec!["b".to_owned(), "a".to_owned()],
+            },
+            None,
+            "10.0.0.1".parse().expect("an address"),
+            "app --serve",
+            true,
+        )
+    }
+
+    fn downstream(
+        id: &str,
+        pid: i32,
+        process_name: &str,
+        labels: &[&str],
+    ) -> EbpfProcessDownstream {
+        EbpfProcessDownstream {
+            process_id: id.to_owned(),
+            process: Some(ebpf_process_downstream::Process::HostProcess(
+                EbpfHostProcessDownstream {
+                    pid,
+                    entity_metadata: Some(EbpfProcessEntityMetadata {
+                        layer: "OS_LINUX".to_owned(),
+                        service_name: "svc".to_owned(),
+                        instance_name: "node".to_owned(),
+                        process_name: process_name.to_owned(),
+                        labels: labels.iter().map(|label| (*label).to_owned()).collect(),
+                    }),
+                },
+            )),
+        }
+    }
+
+    // A tokio runtime: the lazy channel's connector is spawned on it.
+    #[tokio::test]
+    async fn replies_match_by_pid_and_entity_whatever_the_label_order() {
+        let directory = ProcessDirectory::default();
+        let mut reporter = reporter(directory.clone());
+        reporter.added(entity(10, "app"));
+        reporter.added(entity(11, "worker"));
+        let reply = EbpfReportProcessDownstream {
+            processes: vec![
+                downstream("id-10", 10, "app", &["a", "b"]),
+                // Same pid, another entity: not ours.
+                downstream("id-11", 11, "someone-else", &["a", "b"]),
+                // A pid we never reported.
+                downstream("id-12", 12, "app", &["a", "b"]),
+            ],
+        };
+        let matched = reporter.match_reply(&reply);
+        assert_eq!(matched, HashSet::from([10]));
+        assert_eq!(directory.pid("id-10"), Some(10));
+        assert_eq!(directory.pid("id-11"), None);
+        assert_eq!(directory.pid("id-12"), None);
+        // An exited process leaves the directory: tasks can no longer name it.
+        reporter.removed(10);
+        assert_eq!(directory.pid("id-10"), None);
+    }
+}
