@@ -43,7 +43,7 @@ pub(crate) fn run_demo(output: &Path) -> anyhow::Result<()> {
 pub(crate) fn run_node_agent_demo(output: &Path) -> anyhow::Result<()> {
     setup::run()?;
     let agent = workloads::build_agent()?;
-    let fake_oap = workloads::build_fake_oap()?;
+    let fake_oap = workloads::build_tests_binary("fake-oap")?;
     let demo = workloads::build("demo", &workspace_root().join("target/workloads"))?;
     let port = free_loopback_port()?;
     let mut oap = Command::new(&fake_oap)

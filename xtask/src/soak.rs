@@ -21,7 +21,7 @@ pub(crate) fn run(minutes: u64) -> anyhow::Result<()> {
     }
     let _lock = machine_lock()?;
     setup::run()?;
-    let harness = workloads::build_harness()?;
+    let harness = workloads::build_tests_binary("agent-harness")?;
     let churn = workloads::build("cpu_split", &workspace_root().join("target/bench"))?;
     eprintln!(
         "soak: every process profiled on-CPU with 1-s windows for {minutes} min, while a \

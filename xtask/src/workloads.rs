@@ -39,9 +39,10 @@ pub(crate) fn build_agent() -> anyhow::Result<PathBuf> {
     Ok(root.join("target/release/rover-agent"))
 }
 
-/// Builds the agent harness (tests/src/bin/agent-harness.rs: the agent through its library API,
-/// for the benchmarks that need a long-lived agent) and returns the binary's path.
-pub(crate) fn build_harness() -> anyhow::Result<PathBuf> {
+/// Builds a binary of the tests crate (`tests/src/bin/NAME.rs`) in release and returns its path:
+/// the agent harness (the agent through its library API, for the benchmarks that need a
+/// long-lived agent), the fake OAP.
+pub(crate) fn build_tests_binary(name: &str) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     run(crate::cargo(&root).args([
         "build",
@@ -49,21 +50,7 @@ pub(crate) fn build_harness() -> anyhow::Result<PathBuf> {
         "-p",
         "integration-tests",
         "--bin",
-        "agent-harness",
+        name,
     ]))?;
-    Ok(root.join("target/release/agent-harness"))
-}
-
-/// Builds the in-repo fake SkyWalking OAP (tests/src/bin/fake-oap.rs) and returns its path.
-pub(crate) fn build_fake_oap() -> anyhow::Result<PathBuf> {
-    let root = workspace_root();
-    run(crate::cargo(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "integration-tests",
-        "--bin",
-        "fake-oap",
-    ]))?;
-    Ok(root.join("target/release/fake-oap"))
+    Ok(root.join("target/release").join(name))
 }

@@ -13,7 +13,7 @@ use crate::{setup, workloads};
 
 pub(super) fn run(seconds: u64) -> anyhow::Result<()> {
     setup::run()?;
-    let harness = workloads::build_harness()?;
+    let harness = workloads::build_tests_binary("agent-harness")?;
     eprintln!("bench idle: the agent with no task, {seconds} s before and after tasks");
     let mut child = KillOnDrop(
         Command::new(&harness)
