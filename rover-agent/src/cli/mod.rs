@@ -66,10 +66,11 @@ pub fn main() -> ExitCode {
 /// overrides all.
 fn init_logging(verbose: u8, configured: Option<&str>) {
     let default = match (verbose, configured) {
-        (0, Some(level)) => level,
-        (0, None) => "warn",
-        (1, _) => "info",
-        _ => "debug",
+        // The configured level is the agent's: its libraries (gRPC, HTTP/2) only warn.
+        (0, Some(level)) => format!("warn,rover_agent={level}"),
+        (0, None) => "warn".to_owned(),
+        (1, _) => "info".to_owned(),
+        _ => "debug".to_owned(),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Agent;
 use super::backend_tasks::BackendTasks;
@@ -119,8 +119,8 @@ async fn discover_and_report(
     let mut backoff = Backoff::new(FIRST_RETRY, heartbeat);
     let mut failing = false;
     loop {
-        if let Some(owned) = scanner.take()
-            && tokio::time::Instant::now() >= next_scan
+        if tokio::time::Instant::now() >= next_scan
+            && let Some(owned) = scanner.take()
         {
             match tokio::task::spawn_blocking(move || {
                 let mut owned = owned;
@@ -131,6 +131,13 @@ async fn discover_and_report(
             {
                 Ok((owned, Ok(changes))) => {
                     scanner = Some(owned);
+                    if !changes.added.is_empty() || !changes.removed.is_empty() {
+                        debug!(
+                            added = changes.added.len(),
+                            removed = changes.removed.len(),
+                            "host processes changed"
+                        );
+                    }
                     // A pid in both lists was replaced (reused, exec, renamed).
                     for pid in changes.removed {
                         reporter.removed(pid);
