@@ -45,7 +45,10 @@ mod tests {
         for ceiling in [1, 2, 4, 5, 5] {
             let wait = backoff.failed();
             let ceiling = Duration::from_secs(ceiling);
-            assert!(wait >= ceiling / 2 && wait <= ceiling, "{wait:?} vs {ceiling:?}");
+            assert!(
+                wait >= ceiling / 2 && wait <= ceiling,
+                "{wait:?} vs {ceiling:?}"
+            );
         }
         backoff.succeeded();
         assert!(backoff.failed() <= Duration::from_secs(1));

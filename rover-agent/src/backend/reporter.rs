@@ -6,10 +6,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use rover_proto::v3::{
-    EbpfHostProcessMetadata, EbpfProcessEntityMetadata, EbpfProcessPingPkg,
-    EbpfProcessPingPkgList, EbpfProcessProperties, EbpfProcessReportList,
-    EbpfReportProcessDownstream, KeyStringValuePair, ebpf_process_downstream,
-    ebpf_process_properties,
+    EbpfHostProcessMetadata, EbpfProcessEntityMetadata, EbpfProcessPingPkg, EbpfProcessPingPkgList,
+    EbpfProcessProperties, EbpfProcessReportList, EbpfReportProcessDownstream, KeyStringValuePair,
+    ebpf_process_downstream, ebpf_process_properties,
 };
 use tracing::{debug, info};
 
@@ -33,7 +32,9 @@ impl ProcessDirectory {
     /// The OAP's id of local process `pid`.
     pub fn id_of(&self, pid: u32) -> Option<String> {
         let ids = self.0.read().ok()?;
-        ids.iter().find(|(_, p)| **p == pid).map(|(id, _)| id.clone())
+        ids.iter()
+            .find(|(_, p)| **p == pid)
+            .map(|(id, _)| id.clone())
     }
 
     fn set(&self, id: String, pid: u32) {
@@ -121,7 +122,8 @@ impl ProcessReporter {
     /// `properties_report_period` heartbeats and after lost contact), keeps the rest alive.
     pub async fn heartbeat(&mut self) -> Result<(), Error> {
         self.heartbeats += 1;
-        let full = self.lost_contact || (self.heartbeats - 1).is_multiple_of(self.full_report_every);
+        let full =
+            self.lost_contact || (self.heartbeats - 1).is_multiple_of(self.full_report_every);
         let result = self.exchange(full).await;
         self.lost_contact = result.is_err();
         result
@@ -231,9 +233,7 @@ impl ProcessReporter {
             let Some(process) = self.processes.get_mut(&pid) else {
                 continue;
             };
-            if downstream.process_id.is_empty()
-                || process.entity.identity() != identity(entity)
-            {
+            if downstream.process_id.is_empty() || process.entity.identity() != identity(entity) {
                 continue;
             }
             if let Some(old) = process.id.replace(downstream.process_id.clone()) {

@@ -25,7 +25,10 @@ pub struct RunArgs {
 pub(super) fn run(args: &RunArgs, verbose: u8) -> anyhow::Result<ExitCode> {
     let loaded = Settings::load(&args.config)?;
     let settings = loaded.settings;
-    super::init_logging(verbose, Some(&settings.log_level.to_string().to_lowercase()));
+    super::init_logging(
+        verbose,
+        Some(&settings.log_level.to_string().to_lowercase()),
+    );
     for warning in &loaded.warnings {
         warn!("{}: {warning}", args.config.display());
     }
@@ -67,7 +70,9 @@ pub(super) fn run(args: &RunArgs, verbose: u8) -> anyhow::Result<ExitCode> {
 /// Rover's `dump_period` (time between two samples) as a sampling frequency.
 fn frequency_hz(dump_period: Duration) -> u64 {
     let period_ns = dump_period.as_nanos().max(1);
-    u64::try_from((1_000_000_000 + period_ns / 2) / period_ns).unwrap_or(1).max(1)
+    u64::try_from((1_000_000_000 + period_ns / 2) / period_ns)
+        .unwrap_or(1)
+        .max(1)
 }
 
 #[cfg(test)]

@@ -31,4 +31,3 @@ mod tests {
         assert!(!is_alive(u32::MAX / 2));
     }
 }
-

@@ -164,7 +164,11 @@ impl BackendTasks {
                 let _ = run.control.send(RunControl::Extend(command.duration));
                 return;
             }
-            info!(task_id, replaced = run.task_id, "task replaces the running one");
+            info!(
+                task_id,
+                replaced = run.task_id,
+                "task replaces the running one"
+            );
         }
         if let Some(old) = self.runs.remove(&key) {
             let _ = old.control.send(RunControl::Stop);
