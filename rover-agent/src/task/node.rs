@@ -88,7 +88,10 @@ pub async fn run_node(
     })
     .await;
     if finished.is_err() {
-        warn!(?deadline, "shutdown deadline passed: windows still queued are dropped");
+        warn!(
+            ?deadline,
+            "shutdown deadline passed: windows still queued are dropped"
+        );
     }
     let stats = buffer.stats();
     info!(
@@ -116,8 +119,10 @@ async fn discover_and_report(
     let mut backoff = Backoff::new(FIRST_RETRY, heartbeat);
     let mut failing = false;
     loop {
-        if let Some(owned) = scanner.take()
-            && tokio::time::Instant::now() >= next_scan
+        // The time first: taking the scanner when it is not due would drop it (and every scan
+        // after the first heartbeat that falls between two scans).
+        if tokio::time::Instant::now() >= next_scan
+            && let Some(owned) = scanner.take()
         {
             match tokio::task::spawn_blocking(move || {
                 let mut owned = owned;
