@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use rover_proto::v3::ebpf_process_service_client::EbpfProcessServiceClient;
 use rover_proto::v3::ebpf_profiling_service_client::EbpfProfilingServiceClient;
+use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tokio_rustls::rustls;
 use tonic::transport::{Channel, Endpoint};
 
 use super::Error;
@@ -60,10 +60,7 @@ impl Backend {
         };
         let authentication = match settings.authentication.as_deref() {
             None => None,
-            Some(token) => Some(
-                MetadataValue::try_from(token)
-                    .map_err(|_| Error::Authentication)?,
-            ),
+            Some(token) => Some(MetadataValue::try_from(token).map_err(|_| Error::Authentication)?),
         };
         Ok(Self {
             channel: InterceptedService::new(channel, Authentication(authentication)),
@@ -83,6 +80,12 @@ impl Backend {
     pub fn profiling(&self) -> ProfilingClient {
         EbpfProfilingServiceClient::new(self.channel.clone())
     }
+
+    /// The channel itself, for a call the generated clients cannot make (an upload of messages
+    /// encoded already).
+    pub(crate) fn channel(&self) -> InterceptedService<Channel, Authentication> {
+        self.channel.clone()
+    }
 }
 
 /// Adds `authentication: <token>` to every call, as SkyWalking's agents (and Rover) do.
@@ -90,9 +93,14 @@ impl Backend {
 pub struct Authentication(Option<MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for Authentication {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(token) = &self.0 {
-            request.metadata_mut().insert("authentication", token.clone());
+            request
+                .metadata_mut()
+                .insert("authentication", token.clone());
         }
         Ok(request)
     }
@@ -122,13 +130,12 @@ impl TlsConnector {
         let mut config = match &settings.client {
             Some(client) => {
                 let chain = read_certificates(&client.pem_path)?;
-                let key =
-                    PrivateKeyDer::from_pem_file(&client.key_path).map_err(|error| {
-                        Error::TlsFile {
-                            path: client.key_path.clone(),
-                            problem: error.to_string(),
-                        }
-                    })?;
+                let key = PrivateKeyDer::from_pem_file(&client.key_path).map_err(|error| {
+                    Error::TlsFile {
+                        path: client.key_path.clone(),
+                        problem: error.to_string(),
+                    }
+                })?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|error| Error::Tls(format!("client certificate: {error}")))?
@@ -147,9 +154,12 @@ impl TlsConnector {
     async fn connect(
         self,
         uri: http::Uri,
-    ) -> std::io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>
-    {
-        let host = uri.host().map(|host| host.trim_start_matches('[').trim_end_matches(']'));
+    ) -> std::io::Result<
+        hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    > {
+        let host = uri
+            .host()
+            .map(|host| host.trim_start_matches('[').trim_end_matches(']'));
         let (Some(host), Some(port)) = (host, uri.port_u16()) else {
             return Err(std::io::Error::other(format!("no host and port in {uri}")));
         };
