@@ -36,12 +36,17 @@ pub(crate) fn build(name: &str, out_dir: &Path) -> anyhow::Result<PathBuf> {
 pub(crate) fn build_agent() -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     run(crate::cargo(&root).args(["build", "--release", "-p", "rover-agent"]))?;
-    Ok(root.join("target/release/rover-agent"))
+    Ok(crate::target_dir().join("release/rover-agent"))
 }
 
 /// Builds the agent harness (tests/src/bin/agent-harness.rs: the agent through its library API,
 /// for the benchmarks that need a long-lived agent) and returns the binary's path.
 pub(crate) fn build_harness() -> anyhow::Result<PathBuf> {
+    build_test_binary("agent-harness")
+}
+
+/// Builds a release binary of the tests crate (tests/src/bin/NAME.rs) and returns its path.
+pub(crate) fn build_test_binary(name: &str) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     run(crate::cargo(&root).args([
         "build",
@@ -49,7 +54,7 @@ pub(crate) fn build_harness() -> anyhow::Result<PathBuf> {
         "-p",
         "integration-tests",
         "--bin",
-        "agent-harness",
+        name,
     ]))?;
-    Ok(root.join("target/release/agent-harness"))
+    Ok(crate::target_dir().join("release").join(name))
 }
