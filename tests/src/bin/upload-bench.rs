@@ -246,7 +246,7 @@ const KERNEL_FUNCTIONS: &[&str] = &[
 /// A window of `stacks` distinct stacks of `depth` frames (a few kernel frames at the leaf end
 /// of each), spread evenly over `processes` pids, every frame symbolized.
 fn window(stacks: usize, depth: usize, processes: u32) -> (Profile, f64) {
-    let mut rng = Rng(0x5eed_0f_b0b5);
+    let mut rng = Rng(0x5eed_f0b0_b5e5);
     let modules = [
         "/usr/bin/order-service",
         "/usr/lib/x86_64-linux-gnu/libc.so.6",
