@@ -603,9 +603,15 @@ impl FakeOap {
             .context("fake OAP: runtime")?;
         let incoming = {
             let _guard = runtime.enter();
-            TcpIncoming::from(tokio::net::TcpListener::from_std(listener)?)
+            // As the OAP's gRPC server (grpc-java on Netty) does: TCP_NODELAY, so that window
+            // updates are not held back by Nagle's algorithm behind the client's delayed ACKs...
+            TcpIncoming::from(tokio::net::TcpListener::from_std(listener)?).with_nodelay(Some(true))
         };
-        let mut builder = Server::builder();
+        // ...and a 1 MiB flow-control window (Netty's default for gRPC) instead of HTTP/2's
+        // 64 KiB, which would throttle a large upload to the fake far more than to an OAP.
+        let mut builder = Server::builder()
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(1 << 20);
         if let Some(tls) = &self.tls {
             install_crypto_provider();
             builder = builder

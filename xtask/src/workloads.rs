@@ -36,7 +36,7 @@ pub(crate) fn build(name: &str, out_dir: &Path) -> anyhow::Result<PathBuf> {
 pub(crate) fn build_agent() -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     run(crate::cargo(&root).args(["build", "--release", "-p", "rover-agent"]))?;
-    Ok(root.join("target/release/rover-agent"))
+    Ok(crate::target_dir().join("release/rover-agent"))
 }
 
 /// Builds a binary of the tests crate (`tests/src/bin/NAME.rs`) in release and returns its path:
@@ -52,5 +52,5 @@ pub(crate) fn build_tests_binary(name: &str) -> anyhow::Result<PathBuf> {
         "--bin",
         name,
     ]))?;
-    Ok(root.join("target/release").join(name))
+    Ok(crate::target_dir().join("release").join(name))
 }

@@ -94,6 +94,12 @@ impl Backend {
     pub fn profiling(&self) -> ProfilingClient {
         EbpfProfilingServiceClient::new(self.channel.clone())
     }
+
+    /// The channel itself, for a call the generated clients cannot make (an upload of messages
+    /// encoded already).
+    pub(crate) fn channel(&self) -> InterceptedService<Channel, Authentication> {
+        self.channel.clone()
+    }
 }
 
 /// Adds `authentication: <token>` to every call, as SkyWalking's agents (and Rover) do.

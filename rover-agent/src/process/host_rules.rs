@@ -90,6 +90,10 @@ struct CompiledRule {
     service_name: RuleTemplate,
     instance_name: RuleTemplate,
     process_name: RuleTemplate,
+    /// Its names depend only on what a scan keeps of a process (not on the interfaces, the
+    /// working directory or the executable's path, which may change): a known process keeps
+    /// the names it was given, without rendering them again at every scan.
+    stable: bool,
     /// A rendering failure is warned about once per rule, not at every scan.
     warned: bool,
 }
@@ -144,10 +148,22 @@ impl HostRuleScanner {
                         source: source_error,
                     })
                 };
+                let service_name = compile("service_name", &rule.service_name)?;
+                let instance_name = compile("instance_name", &rule.instance_name)?;
+                let process_name = compile("process_name", &rule.process_name)?;
+                let stable = [&service_name, &instance_name, &process_name]
+                    .iter()
+                    .all(|template| !template.uses_interfaces)
+                    && [&rule.service_name, &rule.instance_name, &rule.process_name]
+                        .iter()
+                        .all(|source| {
+                            !source.contains("WorkDir") && !source.contains("ExeFilePath")
+                        });
                 Ok(CompiledRule {
-                    service_name: compile("service_name", &rule.service_name)?,
-                    instance_name: compile("instance_name", &rule.instance_name)?,
-                    process_name: compile("process_name", &rule.process_name)?,
+                    service_name,
+                    instance_name,
+                    process_name,
+                    stable,
                     settings: rule.clone(),
                     warned: false,
                 })
@@ -223,6 +239,15 @@ impl HostRuleScanner {
                     }
                 }
             };
+            if let Some(matched) = process.matched.as_mut()
+                && old_entity.is_some()
+                && self.rules[matched.rule].stable
+            {
+                // It would render as before: unchanged.
+                matched.reported = old_entity;
+                self.known.insert(pid, process);
+                continue;
+            }
             let new_entity = process.matched.as_ref().and_then(|matched| {
                 let rule = &mut self.rules[matched.rule];
                 render(

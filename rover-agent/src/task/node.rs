@@ -119,6 +119,8 @@ async fn discover_and_report(
     let mut backoff = Backoff::new(FIRST_RETRY, heartbeat);
     let mut failing = false;
     loop {
+        // The time first: taking the scanner when it is not due would drop it (and every scan
+        // after the first heartbeat that falls between two scans).
         if tokio::time::Instant::now() >= next_scan
             && let Some(owned) = scanner.take()
         {

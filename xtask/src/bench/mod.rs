@@ -4,6 +4,7 @@
 mod idle;
 mod offcpu;
 mod oncpu;
+mod upload;
 
 use std::path::Path;
 use std::process::{Child, Command};
@@ -41,6 +42,19 @@ pub(crate) enum Bench {
         #[arg(long, value_delimiter = ',', value_enum)]
         only: Vec<offcpu::Config>,
     },
+    /// The node agent's upload path (one flush of 10,000 stacks to a fake OAP) and its idle
+    /// cost (`rover-agent run` with 500 reported processes and no task).
+    Upload {
+        /// How long the idle agent is measured.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Measured flushes (after a warm-up); median and max are reported.
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        /// Processes the idle agent reports.
+        #[arg(long, default_value_t = 500)]
+        processes: usize,
+    },
 }
 
 pub(crate) fn run(bench: Bench) -> anyhow::Result<()> {
@@ -53,6 +67,11 @@ pub(crate) fn run(bench: Bench) -> anyhow::Result<()> {
             repetitions,
             only,
         } => offcpu::run(seconds, repetitions, &only),
+        Bench::Upload {
+            seconds,
+            iterations,
+            processes,
+        } => upload::run(seconds, iterations, processes),
     }
 }
 
