@@ -116,8 +116,9 @@ async fn discover_and_report(
     let mut backoff = Backoff::new(FIRST_RETRY, heartbeat);
     let mut failing = false;
     loop {
-        if let Some(owned) = scanner.take()
-            && tokio::time::Instant::now() >= next_scan
+        // The time first: `take()` on a scan not yet due would drop the scanner for good.
+        if tokio::time::Instant::now() >= next_scan
+            && let Some(owned) = scanner.take()
         {
             match tokio::task::spawn_blocking(move || {
                 let mut owned = owned;
