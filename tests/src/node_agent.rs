@@ -193,10 +193,7 @@ impl NodeAgent {
     /// Panics (with the agent's log and what the fake recorded) if the agent has exited.
     pub fn assert_running(&mut self, fake: &FakeOap) {
         if let Some(status) = self.exited() {
-            panic!(
-                "rover-agent exited ({status})\n{}",
-                self.context(fake)
-            );
+            panic!("rover-agent exited ({status})\n{}", self.context(fake));
         }
     }
 
