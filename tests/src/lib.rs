@@ -13,6 +13,7 @@ use rover_agent::symbolize::{DEFAULT_SYMBOL_CACHE_BYTES, SymbolizerConfig};
 use rover_agent::task::{AgentConfig, ProfileWindow, WindowSink};
 
 pub mod fake_oap;
+pub mod node_agent;
 pub mod pprof;
 
 /// An agent configuration for library-API tests: `frequency_hz`, exact off-CPU, drains every
