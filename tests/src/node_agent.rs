@@ -70,7 +70,8 @@ impl NodeConfig {
             scan_period: "500ms".to_owned(),
             check_interval: "1s".to_owned(),
             flush_interval: "1s".to_owned(),
-            dump_period: "10ms".to_owned(),
+            // 99 Hz: see FREQUENCY_HZ in tests/node_agent.rs.
+            dump_period: "10.1ms".to_owned(),
             upload_buffer: None,
             shutdown_deadline: "5s".to_owned(),
             log_level: "info".to_owned(),

@@ -20,8 +20,11 @@ use rover_proto::v3::{EbpfProfilingTaskMetadata, ebpf_process_properties};
 
 /// Upper bound of any single wait for something the agent does within a few periods.
 const WAIT: Duration = Duration::from_secs(20);
-/// The on-CPU sampling frequency the configurations ask for (`dump_period: 10ms`).
-const FREQUENCY_HZ: f64 = 100.0;
+/// The on-CPU sampling frequency the configurations ask for (`dump_period: 10.1ms`). Not 100 Hz:
+/// a 10 ms period is 2.5 of cpu_split's 4 ms hot_a+hot_b cycles, so samples alias onto two
+/// phases of the cycle and the 3:1 split comes out anywhere between 2:0 and 1:1 (as oncpu.rs,
+/// 99 Hz).
+const FREQUENCY_HZ: f64 = 99.0;
 
 /// Takes the machine lock and builds the agent before any workload starts (the first build
 /// takes minutes, longer than a workload runs).
