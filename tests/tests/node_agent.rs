@@ -1008,6 +1008,31 @@ async fn the_configured_authentication_is_on_every_call() {
     drop(cpu);
 }
 
+/// A fake OAP serving TLS with `server`'s certificate, a cpu_split workload, and an agent that
+/// reaches the fake by name (`localhost`) trusting `trusted`'s CA.
+fn start_over_tls(
+    server: &TestCertificates,
+    trusted: &TestCertificates,
+    tag: &str,
+) -> (FakeOap, Workload, NodeAgent) {
+    let fake = FakeOap::start_with(FakeOapConfig {
+        tls: Some(server.server_tls()),
+        ..FakeOapConfig::default()
+    })
+    .expect("fake OAP");
+    let service = format!("e2e-{tag}");
+    let tag = token(tag);
+    let cpu = Workload::spawn("cpu_split", &["60", &tag]);
+    let mut config = NodeConfig::new(&fake, vec![rule("cpu_split", &tag, &service)]);
+    config.addr = format!("localhost:{}", fake.addr().port());
+    config.backend_extra = vec![
+        "enable_TLS: true".to_owned(),
+        format!("ca_pem_path: {}", trusted.ca_path.display()),
+    ];
+    let agent = NodeAgent::start(&config, &[]);
+    (fake, cpu, agent)
+}
+
 #[tokio::test]
 async fn tls_with_the_servers_ca_works() {
     if !bpf_available("tls_with_the_servers_ca_works") {
@@ -1015,20 +1040,7 @@ async fn tls_with_the_servers_ca_works() {
     }
     let _lock = prepare();
     let certificates = TestCertificates::generate().expect("certificates");
-    let fake = FakeOap::start_with(FakeOapConfig {
-        tls: Some(certificates.server_tls()),
-        ..FakeOapConfig::default()
-    })
-    .expect("fake OAP");
-    let tag = token("tls");
-    let cpu = Workload::spawn("cpu_split", &["60", &tag]);
-    let mut config = NodeConfig::new(&fake, vec![rule("cpu_split", &tag, "e2e-tls")]);
-    config.addr = format!("localhost:{}", fake.addr().port());
-    config.backend_extra = vec![
-        "enable_TLS: true".to_owned(),
-        format!("ca_pem_path: {}", certificates.ca_path.display()),
-    ];
-    let mut agent = NodeAgent::start(&config, &[]);
+    let (fake, cpu, mut agent) = start_over_tls(&certificates, &certificates, "tls");
     let id = wait_reported(&fake, &agent, &cpu).await;
     fake.add_task(TaskCommand::on_cpu(
         "tls-1",
@@ -1052,20 +1064,7 @@ async fn tls_with_another_ca_sends_nothing_and_logs_the_certificate_error() {
     let _lock = prepare();
     let certificates = TestCertificates::generate().expect("certificates");
     let other = TestCertificates::generate().expect("other certificates");
-    let fake = FakeOap::start_with(FakeOapConfig {
-        tls: Some(certificates.server_tls()),
-        ..FakeOapConfig::default()
-    })
-    .expect("fake OAP");
-    let tag = token("tls-bad");
-    let cpu = Workload::spawn("cpu_split", &["60", &tag]);
-    let mut config = NodeConfig::new(&fake, vec![rule("cpu_split", &tag, "e2e-tls-bad")]);
-    config.addr = format!("localhost:{}", fake.addr().port());
-    config.backend_extra = vec![
-        "enable_TLS: true".to_owned(),
-        format!("ca_pem_path: {}", other.ca_path.display()),
-    ];
-    let mut agent = NodeAgent::start(&config, &[]);
+    let (fake, cpu, mut agent) = start_over_tls(&certificates, &other, "tls-bad");
     let line = agent.wait_for_log(&["failed", "certificate"], WAIT);
     let context = agent.context(&fake);
     let line = line.unwrap_or_else(|| panic!("no certificate error in the log\n{context}"));
