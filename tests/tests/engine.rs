@@ -714,3 +714,60 @@ fn concurrent_off_cpu_tasks_keep_their_own_per_target_options() {
         "{kept_switches} switches kept, {missed} missed"
     );
 }
+
+/// Process discovery learns of execs and exits from the kernel: every one is marked, each once,
+/// and a process that neither exec'd nor exited is not.
+#[test]
+fn execs_and_exits_are_marked_for_discovery() {
+    if !bpf_available("execs_and_exits_are_marked_for_discovery") {
+        return;
+    }
+    let agent = Agent::start(agent_config(99, Duration::from_secs(1))).expect("agent");
+    let runtime = runtime();
+    let mut changes = runtime
+        .block_on(agent.track_process_changes())
+        .expect("tracking process changes");
+    let idle = Command::new("sleep").arg("30").spawn().expect("sleep");
+    // Execs into `sleep` once told to (a line on stdin): an exec after the first look.
+    let mut execs = Command::new("sh")
+        .args(["-c", "read _; exec sleep 30"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("sh");
+    let mut exits = Command::new("true").spawn().expect("true");
+    exits.wait().expect("true exits");
+    let first = changes.take().expect("first look");
+    assert!(!first.overflowed);
+    // `sleep` and `sh` were exec'd by their forks; `true` exec'd and exited.
+    for (name, pid) in [
+        ("sleep", idle.id()),
+        ("sh", execs.id()),
+        ("true", exits.id()),
+    ] {
+        assert!(
+            first.pids.contains(&pid),
+            "{name} ({pid}) not marked: {first:?}"
+        );
+    }
+    writeln!(execs.stdin.take().expect("stdin"), "go").expect("telling sh to exec");
+    // Bounded: until its exec is marked, 5 s at most.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut later = std::collections::HashSet::new();
+    while !later.contains(&execs.id()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        later.extend(changes.take().expect("later look").pids);
+    }
+    assert!(
+        later.contains(&execs.id()),
+        "the exec of {} not marked",
+        execs.id()
+    );
+    assert!(
+        !later.contains(&idle.id()),
+        "an unchanged process was marked: {later:?}"
+    );
+    for mut child in [idle, execs] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

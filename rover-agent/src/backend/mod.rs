@@ -3,6 +3,7 @@
 
 mod backoff;
 mod connection;
+mod profiling_data;
 mod reporter;
 mod task_command;
 mod upload;
@@ -11,12 +12,13 @@ use std::path::PathBuf;
 
 pub use backoff::Backoff;
 pub use connection::Backend;
+pub use profiling_data::{UploadTask, WindowBatch, encode_window};
 pub use reporter::{ProcessDirectory, ProcessReporter};
 pub use task_command::{
     ProfilingTarget, ProfilingTaskCommand, TaskCommandError, TaskSchedule, TaskWatermark,
     query_tasks,
 };
-pub use upload::{UploadBuffer, UploadStats, UploadTask, Uploader, encode_window};
+pub use upload::{UploadBuffer, UploadStats, Uploader};
 
 /// What talking to the OAP can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -1,298 +1,17 @@
-//! Profiling windows → SkyWalking `EBPFProfilingData`, buffered (bounded in bytes, oldest dropped
-//! first and counted) and sent each flush interval on one `collectProfilingData` stream.
+//! Profiling windows laid out for SkyWalking (`profiling_data.rs`), buffered (bounded by their
+//! encoded size, oldest dropped first and counted) and sent each flush interval on one
+//! `collectProfilingData` stream.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prost::Message;
-use prost::bytes::Bytes;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-use rover_proto::v3::{
-    Commands, EbpfProfilingStackMetadata, EbpfProfilingStackType, EbpfProfilingTaskMetadata,
-};
+use rover_proto::v3::Commands;
 use tokio::sync::Notify;
 
+use super::profiling_data::{OutgoingMessage, WindowBatch};
 use super::{Backend, Error};
-use crate::profile::{FrameId, FrameKind, Profile};
-
-/// What the OAP shows for a frame the agent could not symbolize (Rover's word for it).
-const MISSING: &str = "[MISSING]";
-
-/// Which backend task a window belongs to, and its time bounds.
-#[derive(Clone, Debug)]
-pub struct UploadTask {
-    pub task_id: String,
-    /// When profiling actually started: constant for the run (the OAP's schedule id hashes it).
-    pub profiling_start: SystemTime,
-    /// The task's end; `currentTime` is kept inside [start, end].
-    pub end: SystemTime,
-    /// On-CPU (`dumpCount`) or off-CPU (`switchCount`, `duration`).
-    pub off_cpu: bool,
-}
-
-/// One process's stacks of one window of a task: sent together, dropped together. The task
-/// metadata goes on the first message of the batch that a stream carries.
-///
-/// Messages are kept encoded (`EBPFProfilingData` without its task), slices of one buffer per
-/// batch: a window holds tens of thousands of stacks of tens of frames, and a symbol string per
-/// frame and message would cost as many allocations to build and to free as the window has
-/// frames.
-pub struct WindowBatch {
-    metadata: EbpfProfilingTaskMetadata,
-    messages: VecDeque<Bytes>,
-    bytes: usize,
-}
-
-impl WindowBatch {
-    pub fn messages(&self) -> usize {
-        self.messages.len()
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
-/// Field numbers of the SkyWalking messages written by hand (`Profile.proto`).
-const DATA_TASK: u32 = 1;
-const DATA_ON_CPU: u32 = 2;
-const DATA_OFF_CPU: u32 = 3;
-/// `stacks` of `EBPFOnCPUProfiling` and `EBPFOffCPUProfiling`.
-const PROFILING_STACKS: u32 = 1;
-const STACK_SYMBOLS: u32 = 3;
-
-/// Encodes one window of `task`: a batch per process (named by its OAP id from
-/// `process_ids`), a message per stack. Samples of processes without an OAP id are left out.
-///
-/// Each frame's `stackSymbols` entry is encoded once per window; a message is its stacks'
-/// headers and those entries, written as protobuf's concatenation of fields (what prost
-/// writes for the same message, byte for byte).
-pub fn encode_window(
-    task: &UploadTask,
-    process_ids: &HashMap<u32, String>,
-    profile: &Profile,
-) -> Vec<WindowBatch> {
-    let window_end = profile.start + profile.duration;
-    let current = window_end.clamp(task.profiling_start, task.end.max(task.profiling_start));
-    // Per frame, compact (a frame's full record is large, and each sample visits tens): whether
-    // it is a kernel frame, and where its encoded `stackSymbols` entry is in `symbol_fields`
-    // (encoded when first used; empty until then).
-    let is_kernel: Vec<bool> = profile
-        .frames()
-        .iter()
-        .map(|frame| frame.kind == FrameKind::Kernel)
-        .collect();
-    let mut symbol_fields: Vec<u8> = Vec::new();
-    let mut symbols: Vec<std::ops::Range<usize>> = vec![0..0; profile.frames().len()];
-    // Stack ids are shared by kernel and user stacks: one counter, a map per kind.
-    let mut stack_ids: [HashMap<Vec<FrameId>, i32, BuildHasherDefault<FxHasher>>; 2] =
-        Default::default();
-    let mut next_stack_id: i32 = 0;
-    let mut batches: Vec<WindowBatch> = Vec::new();
-    // Each batch's messages, end to end, and where each ends; sliced once all are written.
-    let mut encoded: Vec<(Vec<u8>, Vec<usize>)> = Vec::new();
-    let mut batch_of: HashMap<u32, usize> = HashMap::new();
-    // Reused for every sample: the frame ids of its kernel and user stacks.
-    let mut ids: [Vec<FrameId>; 2] = [Vec::new(), Vec::new()];
-    for sample in profile.samples() {
-        let Some(process_id) = process_ids.get(&sample.process.pid) else {
-            continue;
-        };
-        let batch_index = *batch_of.entry(sample.process.pid).or_insert_with(|| {
-            batches.push(WindowBatch {
-                metadata: EbpfProfilingTaskMetadata {
-                    task_id: task.task_id.clone(),
-                    process_id: process_id.clone(),
-                    profiling_start_time: epoch_ms(task.profiling_start),
-                    current_time: epoch_ms(current),
-                },
-                messages: VecDeque::new(),
-                bytes: 0,
-            });
-            encoded.push((Vec::new(), Vec::new()));
-            batches.len() - 1
-        });
-        // First the stacks' ids and sizes, then the message written straight into the batch.
-        let mut stacks: [Option<(EbpfProfilingStackMetadata, usize)>; 2] = [None, None];
-        let mut length = 0;
-        for (index, kind) in [FrameKind::Kernel, FrameKind::User].into_iter().enumerate() {
-            // Leaf first: the sample is root first.
-            let ids = &mut ids[index];
-            ids.clear();
-            let kernel = kind == FrameKind::Kernel;
-            ids.extend(
-                sample
-                    .frames
-                    .iter()
-                    .rev()
-                    .copied()
-                    .filter(|&id| is_kernel[id as usize] == kernel),
-            );
-            if ids.is_empty() {
-                continue;
-            }
-            let known = &mut stack_ids[index];
-            let stack_id = match known.get(ids.as_slice()) {
-                Some(&id) => id,
-                None => {
-                    let id = next_stack_id;
-                    next_stack_id = next_stack_id.saturating_add(1);
-                    known.insert(ids.clone(), id);
-                    id
-                }
-            };
-            let header = EbpfProfilingStackMetadata {
-                stack_type: match kind {
-                    FrameKind::Kernel => EbpfProfilingStackType::ProcessKernelSpace,
-                    FrameKind::User => EbpfProfilingStackType::ProcessUserSpace,
-                } as i32,
-                stack_id,
-                stack_symbols: Vec::new(),
-            };
-            let mut stack_length = header.encoded_len();
-            for &id in ids.iter() {
-                let range = &mut symbols[id as usize];
-                if range.end == 0 {
-                    let start = symbol_fields.len();
-                    put_symbol(profile, id, &mut symbol_fields);
-                    *range = start..symbol_fields.len();
-                }
-                stack_length += range.len();
-            }
-            length +=
-                key_len(PROFILING_STACKS) + encoded_len_varint(stack_length as u64) + stack_length;
-            stacks[index] = Some((header, stack_length));
-        }
-        // The scalar fields after the stacks, as prost orders them (zeros left out).
-        let count = clamp_i32(profile.estimate(0, sample.values[0], 1));
-        let duration = i64::try_from(profile.estimate(1, sample.values[1], 1)).unwrap_or(i64::MAX);
-        let field = if task.off_cpu {
-            length += scalar_len(2, i64::from(count)) + scalar_len(3, duration);
-            DATA_OFF_CPU
-        } else {
-            length += scalar_len(2, i64::from(count));
-            DATA_ON_CPU
-        };
-        let (buffer, ends) = &mut encoded[batch_index];
-        encode_key(field, WireType::LengthDelimited, buffer);
-        encode_varint(length as u64, buffer);
-        for (index, stack) in stacks.iter().enumerate() {
-            let Some((header, stack_length)) = stack else {
-                continue;
-            };
-            encode_key(PROFILING_STACKS, WireType::LengthDelimited, buffer);
-            encode_varint(*stack_length as u64, buffer);
-            put(header, buffer);
-            for &id in &ids[index] {
-                buffer.extend_from_slice(&symbol_fields[symbols[id as usize].clone()]);
-            }
-        }
-        put_scalar(2, i64::from(count), buffer);
-        if task.off_cpu {
-            put_scalar(3, duration, buffer);
-        }
-        ends.push(buffer.len());
-    }
-    for (batch, (buffer, ends)) in batches.iter_mut().zip(encoded) {
-        batch.bytes = buffer.len();
-        let buffer = Bytes::from(buffer);
-        let mut start = 0;
-        batch.messages = ends
-            .into_iter()
-            .map(|end| {
-                let message = buffer.slice(start..end);
-                start = end;
-                message
-            })
-            .collect();
-    }
-    batches
-}
-
-/// Appends a frame's entry of `stackSymbols`: key, length and name.
-fn put_symbol(profile: &Profile, id: FrameId, buf: &mut Vec<u8>) {
-    let name = profile.frame(id).function.as_deref().unwrap_or(MISSING);
-    encode_key(STACK_SYMBOLS, WireType::LengthDelimited, buf);
-    encode_varint(name.len() as u64, buf);
-    buf.extend_from_slice(name.as_bytes());
-}
-
-/// The size of an `int32`/`int64` field of proto3: nothing when zero.
-fn scalar_len(tag: u32, value: i64) -> usize {
-    if value == 0 {
-        0
-    } else {
-        key_len(tag) + encoded_len_varint(value as u64)
-    }
-}
-
-fn put_scalar(tag: u32, value: i64, buf: &mut Vec<u8>) {
-    if value != 0 {
-        encode_key(tag, WireType::Varint, buf);
-        encode_varint(value as u64, buf);
-    }
-}
-
-/// A fast hash for the stack map's keys (frame ids of one window, not attacker-chosen):
-/// rustc's Fx hash, a word at a time.
-#[derive(Default)]
-struct FxHasher(u64);
-
-impl FxHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u32(&mut self, value: u32) {
-        self.add(u64::from(value));
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.add(value);
-    }
-
-    fn write_usize(&mut self, value: usize) {
-        self.add(value as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// Appends `message`'s encoding (a `Vec` grows as needed: encoding into it cannot fail).
-fn put(message: &impl Message, buf: &mut Vec<u8>) {
-    let _ = message.encode(buf);
-}
-
-fn clamp_i32(value: u64) -> i32 {
-    i32::try_from(value).unwrap_or(i32::MAX)
-}
-
-fn epoch_ms(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |since| {
-        i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
-    })
-}
 
 /// What the buffer has done, for logs and the summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -339,8 +58,8 @@ impl UploadBuffer {
     pub fn push(&self, batches: Vec<WindowBatch>) {
         let mut queue = self.lock();
         for batch in batches {
-            if !batch.messages.is_empty() {
-                queue.bytes += batch.bytes;
+            if batch.messages() > 0 {
+                queue.bytes += batch.bytes();
                 queue.batches.push_back(batch);
             }
         }
@@ -373,38 +92,26 @@ impl UploadBuffer {
             let Some(oldest) = queue.batches.pop_front() else {
                 break;
             };
-            queue.bytes -= oldest.bytes;
+            queue.bytes -= oldest.bytes();
             queue.stats.batches_dropped += 1;
-            queue.stats.bytes_dropped += oldest.bytes as u64;
+            queue.stats.bytes_dropped += oldest.bytes() as u64;
         }
     }
 
-    /// The next message for a stream, encoded: the task metadata rides on the first message
-    /// of a batch, so a batch cut by a failed stream starts again with it.
-    fn next_message(&self, started: &mut bool) -> Option<Bytes> {
+    /// The next message for a stream: the task metadata rides on the first message of a batch,
+    /// so a batch cut by a failed stream starts again with it.
+    fn next_message(&self, started: &mut bool) -> Option<OutgoingMessage> {
         let mut queue = self.lock();
         let batch = queue.batches.front_mut()?;
-        let mut message = batch.messages.pop_front()?;
-        let bytes = message.len().min(batch.bytes);
-        if !*started {
-            // Field 1 before the profiling field, as prost writes it.
-            let metadata = batch.metadata.encoded_len();
-            let mut with_task = Vec::with_capacity(
-                key_len(DATA_TASK) + encoded_len_varint(metadata as u64) + metadata + message.len(),
-            );
-            encode_key(DATA_TASK, WireType::LengthDelimited, &mut with_task);
-            encode_varint(metadata as u64, &mut with_task);
-            put(&batch.metadata, &mut with_task);
-            with_task.extend_from_slice(&message);
-            message = Bytes::from(with_task);
-            *started = true;
-        }
-        batch.bytes -= bytes;
-        if batch.messages.is_empty() {
+        let bytes_before = batch.bytes();
+        let message = batch.pop_message(!*started)?;
+        *started = true;
+        let sent_bytes = bytes_before - batch.bytes();
+        if batch.messages() == 0 {
             queue.batches.pop_front();
             *started = false;
         }
-        queue.bytes -= bytes;
+        queue.bytes -= sent_bytes;
         queue.stats.messages_sent += 1;
         Some(message)
     }
@@ -456,11 +163,11 @@ impl Uploader {
         }
     }
 
-    /// `collectProfilingData` with messages encoded already (the generated client would encode
+    /// `collectProfilingData` with messages laid out already (the generated client would encode
     /// `EBPFProfilingData` values).
     async fn collect_profiling_data(
         &self,
-        stream: impl futures_util::Stream<Item = Bytes> + Send + 'static,
+        stream: impl futures_util::Stream<Item = OutgoingMessage> + Send + 'static,
     ) -> Result<tonic::Response<Commands>, tonic::Status> {
         let mut grpc = tonic::client::Grpc::new(self.backend.channel());
         grpc.ready()
@@ -486,12 +193,12 @@ impl Uploader {
     }
 }
 
-/// Sends messages encoded already; decodes the reply with prost.
+/// Writes laid-out messages straight into the stream's buffer; decodes the reply with prost.
 #[derive(Clone, Copy, Debug, Default)]
 struct EncodedCodec;
 
 impl tonic::codec::Codec for EncodedCodec {
-    type Encode = Bytes;
+    type Encode = OutgoingMessage;
     type Decode = Commands;
     type Encoder = EncodedCodec;
     type Decoder = EncodedCodec;
@@ -506,15 +213,16 @@ impl tonic::codec::Codec for EncodedCodec {
 }
 
 impl tonic::codec::Encoder for EncodedCodec {
-    type Item = Bytes;
+    type Item = OutgoingMessage;
     type Error = tonic::Status;
 
     fn encode(
         &mut self,
-        item: Bytes,
+        item: OutgoingMessage,
         dst: &mut tonic::codec::EncodeBuf<'_>,
     ) -> Result<(), tonic::Status> {
-        prost::bytes::BufMut::put_slice(dst, &item);
+        dst.reserve(item.encoded_len());
+        item.encode(dst);
         Ok(())
     }
 }
@@ -535,9 +243,13 @@ impl tonic::codec::Decoder for EncodedCodec {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::time::UNIX_EPOCH;
+
     use super::*;
-    use crate::profile::{Frame, ProcessLabel, ValueType};
-    use rover_proto::v3::{EbpfOnCpuProfiling, EbpfProfilingData, ebpf_profiling_data};
+    use crate::backend::profiling_data::{MISSING, UploadTask, encode_window};
+    use crate::profile::{Frame, FrameKind, ProcessLabel, Profile, ValueType};
+    use rover_proto::v3::{EbpfProfilingData, EbpfProfilingStackType, ebpf_profiling_data};
 
     /// A message as the OAP reads it.
     fn decode(message: &[u8]) -> EbpfProfilingData {
@@ -607,14 +319,14 @@ mod tests {
         };
         profile.add(&stranger, &stack[..1], &[9, 90]);
 
-        let batches = encode_window(&task(false), &ids(), &profile);
+        let mut batches = encode_window(&task(false), &ids(), &profile);
         assert_eq!(batches.len(), 2);
-        let first = &batches[0];
+        let first = &mut batches[0];
         assert_eq!(first.metadata.process_id, "p1");
         assert_eq!(first.metadata.profiling_start_time, 100_000);
         assert_eq!(first.metadata.current_time, 110_000);
         assert_eq!(first.messages(), 2);
-        let message = decode(&first.messages[0]);
+        let message = decode(&first.pop_message(false).expect("a message").to_vec());
         let Some(ebpf_profiling_data::Profiling::OnCpu(on_cpu)) = &message.profiling else {
             panic!("not on-CPU: {message:?}");
         };
@@ -635,6 +347,57 @@ mod tests {
     }
 
     #[test]
+    fn a_stack_seen_again_keeps_its_id_and_distinct_stacks_get_their_own() {
+        let mut profile = profile(vec![
+            ValueType::new("samples", "count"),
+            ValueType::new("cpu", "nanoseconds"),
+        ]);
+        let user = [
+            frame(FrameKind::User, Some("main")),
+            frame(FrameKind::User, Some("work")),
+        ];
+        let process = ProcessLabel {
+            pid: 1,
+            name: "a".to_owned(),
+        };
+        for kernel in ["read", "write"] {
+            let mut stack = user.to_vec();
+            stack.push(frame(FrameKind::Kernel, Some(kernel)));
+            profile.add(&process, &stack, &[1, 10]);
+        }
+        profile.add(&process, &user[..1], &[1, 10]);
+        let mut batches = encode_window(&task(false), &ids(), &profile);
+        let ids: Vec<Vec<(i32, i32)>> = std::iter::from_fn(|| batches[0].pop_message(false))
+            .map(|message| {
+                let Some(ebpf_profiling_data::Profiling::OnCpu(on_cpu)) =
+                    decode(&message.to_vec()).profiling
+                else {
+                    panic!("not on-CPU");
+                };
+                on_cpu
+                    .stacks
+                    .iter()
+                    .map(|stack| (stack.stack_type, stack.stack_id))
+                    .collect()
+            })
+            .collect();
+        let (kernel, user) = (
+            EbpfProfilingStackType::ProcessKernelSpace as i32,
+            EbpfProfilingStackType::ProcessUserSpace as i32,
+        );
+        // Ids are shared by both kinds: kernel `read` 0, user `work main` 1, kernel `write` 2,
+        // user `main` 3.
+        assert_eq!(
+            ids,
+            [
+                vec![(kernel, 0), (user, 1)],
+                vec![(kernel, 2), (user, 1)],
+                vec![(user, 3)],
+            ]
+        );
+    }
+
+    #[test]
     fn off_cpu_values_are_scaled_once_per_stack() {
         let mut profile = profile(vec![
             ValueType::new("switches", "count"),
@@ -647,9 +410,9 @@ mod tests {
             name: "a".to_owned(),
         };
         profile.add(&one, &[frame(FrameKind::User, Some("sleep"))], &[3, 3_000]);
-        let batches = encode_window(&task(true), &ids(), &profile);
-        let Some(ebpf_profiling_data::Profiling::OffCpu(off_cpu)) =
-            &decode(&batches[0].messages[0]).profiling
+        let mut batches = encode_window(&task(true), &ids(), &profile);
+        let message = batches[0].pop_message(false).expect("a message").to_vec();
+        let Some(ebpf_profiling_data::Profiling::OffCpu(off_cpu)) = &decode(&message).profiling
         else {
             panic!("not off-CPU");
         };
@@ -683,6 +446,7 @@ mod tests {
             let mut started = false;
             let mut count = 0;
             while let Some(message) = buffer.next_message(&mut started) {
+                let message = message.to_vec();
                 assert_eq!(
                     message,
                     decode(&message).encode_to_vec(),
@@ -694,26 +458,24 @@ mod tests {
         }
     }
 
+    /// A batch of `messages` distinct one-frame stacks of one process.
     fn batch(process_id: &str, messages: usize) -> WindowBatch {
-        let message = EbpfProfilingData {
-            task: None,
-            profiling: Some(ebpf_profiling_data::Profiling::OnCpu(EbpfOnCpuProfiling {
-                stacks: Vec::new(),
-                dump_count: 1,
-            })),
+        let mut profile = profile(vec![
+            ValueType::new("samples", "count"),
+            ValueType::new("cpu", "nanoseconds"),
+        ]);
+        let process = ProcessLabel {
+            pid: 1,
+            name: "a".to_owned(),
+        };
+        for index in 0..messages {
+            let name = format!("function_{index:03}");
+            profile.add(&process, &[frame(FrameKind::User, Some(&name))], &[1, 10]);
         }
-        .encode_to_vec();
-        let message = Bytes::from(message);
-        WindowBatch {
-            metadata: EbpfProfilingTaskMetadata {
-                task_id: "t".to_owned(),
-                process_id: process_id.to_owned(),
-                profiling_start_time: 1,
-                current_time: 2,
-            },
-            bytes: message.len() * messages,
-            messages: std::iter::repeat_n(message, messages).collect(),
-        }
+        let ids = HashMap::from([(1, process_id.to_owned())]);
+        let mut batches = encode_window(&task(false), &ids, &profile);
+        assert_eq!(batches.len(), 1);
+        batches.remove(0)
     }
 
     #[test]
@@ -727,7 +489,12 @@ mod tests {
         assert_eq!(stats.bytes_dropped, size as u64);
         assert_eq!(stats.batches_buffered, 2);
         let mut started = false;
-        let first = decode(&buffer.next_message(&mut started).expect("a message"));
+        let first = decode(
+            &buffer
+                .next_message(&mut started)
+                .expect("a message")
+                .to_vec(),
+        );
         assert_eq!(first.task.map(|task| task.process_id).as_deref(), Some("b"));
     }
 
@@ -736,19 +503,13 @@ mod tests {
         let buffer = UploadBuffer::new(usize::MAX);
         buffer.push(vec![batch("a", 3)]);
         let mut started = false;
-        assert!(
-            decode(&buffer.next_message(&mut started).unwrap())
-                .task
-                .is_some()
-        );
-        assert!(
-            decode(&buffer.next_message(&mut started).unwrap())
-                .task
-                .is_none()
-        );
+        let next =
+            |started: &mut bool| decode(&buffer.next_message(started).expect("a message").to_vec());
+        assert!(next(&mut started).task.is_some());
+        assert!(next(&mut started).task.is_none());
         // The stream failed: the next one starts afresh.
         let mut started = false;
-        let resumed = decode(&buffer.next_message(&mut started).unwrap());
+        let resumed = next(&mut started);
         assert_eq!(
             resumed.task.map(|task| task.process_id).as_deref(),
             Some("a")

@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use aya::EbpfLoader;
 
-use super::events::{ProcessEvent, ProcessEvents};
+use super::events::{ProcessChanges, ProcessEvent, ProcessEvents};
 use super::loader::{Globals, loader};
 use super::memory::MapCapacity;
 use super::profiler::{Profiler, ProfilerSettings};
@@ -116,6 +116,7 @@ enum Command {
     RemoveProcess(RecordingId, u32, oneshot::Sender<Result<(), Error>>),
     Stop(RecordingId, oneshot::Sender<Result<(), Error>>),
     Status(oneshot::Sender<EngineStatus>),
+    TrackProcessChanges(oneshot::Sender<Result<ProcessChanges, Error>>),
 }
 
 /// A handle on the engine thread; clones share it, and the thread ends (unloading everything)
@@ -167,6 +168,7 @@ impl Engine {
                     recordings: BTreeMap::new(),
                     profilers: HashMap::new(),
                     events: None,
+                    tracking_changes: false,
                     next_id: 1,
                     unrouted_stacks: 0,
                 }
@@ -204,6 +206,12 @@ impl Engine {
 
     pub async fn status(&self) -> Result<EngineStatus, Error> {
         self.call(Command::Status).await
+    }
+
+    /// Loads the process events object (if no recording has) and has it mark every exec and
+    /// exit for process discovery from now on, for as long as the engine runs. Once per engine.
+    pub async fn track_process_changes(&self) -> Result<ProcessChanges, Error> {
+        self.call(Command::TrackProcessChanges).await?
     }
 
     /// Stops every recording (each gets its `Ended` delivery), unloads everything and ends the
@@ -296,6 +304,8 @@ struct EngineThread<'g> {
     recordings: BTreeMap<RecordingId, Recording>,
     profilers: HashMap<ProfilerKind, Loaded>,
     events: Option<ProcessEvents>,
+    /// Process discovery has the events object's change set: it stays loaded.
+    tracking_changes: bool,
     next_id: u64,
     unrouted_stacks: u64,
 }
@@ -385,6 +395,9 @@ impl<'g> EngineThread<'g> {
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Command::TrackProcessChanges(reply) => {
+                let _ = reply.send(self.track_process_changes());
+            }
         }
     }
 
@@ -407,9 +420,7 @@ impl<'g> EngineThread<'g> {
                 if self.recordings_of(kind).next().is_none() {
                     self.profilers.remove(&kind);
                 }
-                if self.recordings.is_empty() {
-                    self.events = None;
-                }
+                self.drop_unused_events();
                 return Err(error);
             }
         };
@@ -588,7 +599,7 @@ impl<'g> EngineThread<'g> {
             self.unwatch_if_unheld(pid);
         }
         if self.recordings.is_empty() {
-            self.events = None;
+            self.drop_unused_events();
         } else if !self.recordings.values().any(|r| r.every_process)
             && let Some(events) = &mut self.events
             && let Err(error) = events.set_every_process(false)
@@ -618,31 +629,52 @@ impl<'g> EngineThread<'g> {
         status
     }
 
-    fn load(&mut self, kind: ProfilerKind) -> Result<(), Error> {
-        let loader = &mut self.loader;
-        if self.events.is_none() {
-            match ProcessEvents::load(
-                loader,
-                self.settings.max_targets.saturating_mul(2),
-                &self.globals.task_tgid_offset,
-            ) {
-                Ok(mut events) => {
-                    if self.recordings.values().any(|r| r.every_process)
-                        && let Err(error) = events.set_every_process(true)
-                    {
-                        warn!("{error}");
-                    }
-                    self.events = Some(events);
+    /// Loads the process events object unless it is loaded.
+    fn load_events(&mut self) -> Result<&mut ProcessEvents, Error> {
+        let events = match self.events.take() {
+            Some(events) => events,
+            None => {
+                let mut events = ProcessEvents::load(
+                    &mut self.loader,
+                    self.settings.max_targets.saturating_mul(2),
+                    &self.globals.task_tgid_offset,
+                )?;
+                if self.recordings.values().any(|r| r.every_process)
+                    && let Err(error) = events.set_every_process(true)
+                {
+                    warn!("{error}");
                 }
-                Err(error) => warn!(
-                    "process events unavailable: targets that exit are still removed, but \
-                     processes that live less than a drain interval may stay unsymbolized: \
-                     {error}"
-                ),
+                events
             }
+        };
+        Ok(self.events.insert(events))
+    }
+
+    /// Unloads the process events object when nothing needs it.
+    fn drop_unused_events(&mut self) {
+        if self.recordings.is_empty() && !self.tracking_changes {
+            self.events = None;
+        }
+    }
+
+    fn track_process_changes(&mut self) -> Result<ProcessChanges, Error> {
+        let changes = self.load_events()?.track_changes()?.ok_or_else(|| {
+            Error::InvalidConfig("process changes are handed to one tracker only".to_owned())
+        })?;
+        self.tracking_changes = true;
+        info!("process discovery follows execs and exits through the kernel");
+        Ok(changes)
+    }
+
+    fn load(&mut self, kind: ProfilerKind) -> Result<(), Error> {
+        if let Err(error) = self.load_events() {
+            warn!(
+                "process events unavailable: targets that exit are still removed, but \
+                 processes that live less than a drain interval may stay unsymbolized: {error}"
+            );
         }
         if !self.profilers.contains_key(&kind) {
-            let profiler = Profiler::load(kind, &self.settings, loader)?;
+            let profiler = Profiler::load(kind, &self.settings, &mut self.loader)?;
             let capacity = profiler.capacity();
             info!(
                 profiler = kind.name(),

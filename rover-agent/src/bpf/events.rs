@@ -30,6 +30,8 @@ pub(super) struct ProcessEvents {
     ring: RingBuf<MapData>,
     filter: Array<MapData, u64>,
     watched: HashMap<MapData, u32, u8>,
+    /// Until handed to process discovery (`track_changes`).
+    changed: Option<HashMap<MapData, u32, u8>>,
     counters: PerCpuArray<MapData, u64>,
     every_process: bool,
     /// False when the kernel's BTF did not give `task_struct::tgid`: no fork events then.
@@ -67,6 +69,7 @@ impl ProcessEvents {
         let ring = take(&mut ebpf, OBJECT, "PROCESS_EVENTS", RingBuf::try_from)?;
         let filter = take(&mut ebpf, OBJECT, "FILTER", Array::try_from)?;
         let watched = take(&mut ebpf, OBJECT, "WATCHED", HashMap::try_from)?;
+        let changed = take(&mut ebpf, OBJECT, "CHANGED", HashMap::try_from)?;
         let counters = take(&mut ebpf, OBJECT, "EVENT_COUNTERS", PerCpuArray::try_from)?;
         for (name, tracepoint) in [
             ("process_exec", "sched_process_exec"),
@@ -81,6 +84,7 @@ impl ProcessEvents {
             ring,
             filter,
             watched,
+            changed: Some(changed),
             counters,
             every_process: false,
             forks,
@@ -98,6 +102,21 @@ impl ProcessEvents {
             .map_err(map_error("FILTER", "update"))?;
         self.every_process = every_process;
         Ok(())
+    }
+
+    /// Starts marking execs and exits for process discovery, and hands it the set they are marked
+    /// in. Once only: `None` when the set was handed out already.
+    pub fn track_changes(&mut self) -> Result<Option<ProcessChanges>, Error> {
+        let Some(mut changed) = self.changed.take() else {
+            return Ok(None);
+        };
+        changed
+            .insert(OVERFLOW_KEY, 0, 0)
+            .map_err(map_error("CHANGED", "update"))?;
+        self.filter
+            .set(1, 1, 0)
+            .map_err(map_error("FILTER", "update"))?;
+        Ok(Some(ProcessChanges { changed }))
     }
 
     /// Reports exec and exit of `pid`. The watch ends by itself when the process exits.
@@ -147,6 +166,60 @@ impl ProcessEvents {
     /// Turns readable when events are waiting.
     pub fn fd(&self) -> RawFd {
         self.ring.as_raw_fd()
+    }
+}
+
+/// The key of `CHANGED` whose value says the set overflowed (no process has TGID 0).
+const OVERFLOW_KEY: u32 = 0;
+
+/// The processes that replaced their image or ended since the last look, as the kernel marks
+/// them (for process discovery: it re-reads those instead of every process).
+pub struct ProcessChanges {
+    changed: HashMap<MapData, u32, u8>,
+}
+
+/// What `ProcessChanges::take` found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ChangedProcesses {
+    /// TGIDs that exec'd or exited.
+    pub pids: std::collections::HashSet<u32>,
+    /// Some changes could not be marked (more than the set holds between two looks): every
+    /// process must be read again.
+    pub overflowed: bool,
+}
+
+impl ProcessChanges {
+    /// The changes since the previous call, cleared as they are read. A change marked while this
+    /// runs is either returned now or kept for the next call; so whoever reads a process after
+    /// this returns sees its state after every change returned.
+    pub fn take(&mut self) -> Result<ChangedProcesses, Error> {
+        let mut changes = ChangedProcesses::default();
+        // Keys first: deleting while iterating would restart the walk.
+        let keys: Vec<u32> = self
+            .changed
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error("CHANGED", "iterate"))?;
+        for pid in keys {
+            if pid == OVERFLOW_KEY {
+                continue;
+            }
+            super::error::deleted(self.changed.remove(&pid))
+                .map_err(map_error("CHANGED", "delete"))?;
+            changes.pids.insert(pid);
+        }
+        let overflowed = self
+            .changed
+            .get(&OVERFLOW_KEY, 0)
+            .map_err(map_error("CHANGED", "lookup"))?;
+        if overflowed != 0 {
+            // Reset after the deletions above made room.
+            self.changed
+                .insert(OVERFLOW_KEY, 0, 0)
+                .map_err(map_error("CHANGED", "update"))?;
+            changes.overflowed = true;
+        }
+        Ok(changes)
     }
 }
 

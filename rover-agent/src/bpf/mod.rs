@@ -22,7 +22,7 @@ mod targets;
 pub use counters::Counters;
 pub use engine::{Delivery, Engine, EngineStatus, RecordingId, RecordingSpec};
 pub use error::Error;
-pub use events::ProcessEvent;
+pub use events::{ChangedProcesses, ProcessChanges, ProcessEvent};
 pub use host::{HostCheck, check_host};
 pub use memory::{DEFAULT_MAP_MEMORY_BYTES, MIN_MAP_MEMORY_BYTES, MapCapacity};
 pub use privilege::{Privilege, check_privilege, require_privilege};

@@ -2,7 +2,7 @@
 //! Rover 0.5.0's REGEX scanner): each scan walks `/proc`, names the processes the first matching
 //! rule picks through its templates, and returns what changed since the previous scan.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -104,7 +104,20 @@ struct CompiledRule {
 struct KnownProcess {
     start_time: u64,
     comm: String,
+    /// Never reported, and never read again unless the kernel says it changed.
+    kernel_thread: bool,
     matched: Option<MatchedProcess>,
+}
+
+impl KnownProcess {
+    fn kernel_thread(stat: Stat) -> Self {
+        Self {
+            start_time: stat.start_time,
+            comm: stat.comm,
+            kernel_thread: true,
+            matched: None,
+        }
+    }
 }
 
 struct MatchedProcess {
@@ -193,9 +206,13 @@ impl HostRuleScanner {
     /// Walks the procfs tree once and returns the changes since the previous scan (the first
     /// scan adds every matching process). Blocking: run it off the async runtime.
     ///
+    /// `changed`: the processes that exec'd or exited since the previous scan, when the kernel
+    /// tells (then the others, known already, are not read again: a scan costs a directory
+    /// listing); `None` reads every process's `stat` to find execs and reused pids.
+    ///
     /// Never reported: the agent itself, kernel threads, zombies. Processes that vanish while
     /// being read are skipped quietly; one whose names fail to render is skipped with a warning.
-    pub fn scan(&mut self) -> Result<ScanChanges, Error> {
+    pub fn scan(&mut self, changed: Option<&HashSet<u32>>) -> Result<ScanChanges, Error> {
         let entries = fs::read_dir(&self.proc_root).map_err(|source| Error::ListProcesses {
             path: self.proc_root.clone(),
             source,
@@ -216,26 +233,49 @@ impl HostRuleScanner {
                 continue;
             }
             let proc_dir = entry.path();
-            let Some(stat) = read_stat(&proc_dir) else {
-                continue;
+            // Known, and the kernel says it neither exec'd nor exited: as it was.
+            let unchanged = match changed {
+                Some(changed) if !changed.contains(&pid) => previous.remove(&pid),
+                _ => None,
             };
-            if matches!(stat.state, 'Z' | 'X') || stat.flags & PF_KTHREAD != 0 {
-                continue;
-            }
-            let (mut process, old_entity) = match previous.remove(&pid) {
-                Some(mut known)
-                    if known.start_time == stat.start_time && known.comm == stat.comm =>
-                {
+            let (mut process, old_entity) = match unchanged {
+                Some(known) if known.kernel_thread => {
+                    self.known.insert(pid, known);
+                    continue;
+                }
+                Some(mut known) => {
                     let old_entity = known.matched.as_mut().and_then(|m| m.reported.take());
                     (known, old_entity)
                 }
-                stale => {
-                    if stale.and_then(|known| known.matched?.reported).is_some() {
-                        changes.removed.push(pid);
+                None => {
+                    let Some(stat) = read_stat(&proc_dir) else {
+                        continue;
+                    };
+                    if matches!(stat.state, 'Z' | 'X') {
+                        continue;
                     }
-                    match self.discover(&proc_dir, stat) {
-                        Some(process) => (process, None),
-                        None => continue,
+                    if stat.flags & PF_KTHREAD != 0 {
+                        // Remembered, so that it is not read again while the kernel says
+                        // nothing of it.
+                        self.known.insert(pid, KnownProcess::kernel_thread(stat));
+                        continue;
+                    }
+                    match previous.remove(&pid) {
+                        Some(mut known)
+                            if known.start_time == stat.start_time && known.comm == stat.comm =>
+                        {
+                            let old_entity = known.matched.as_mut().and_then(|m| m.reported.take());
+                            (known, old_entity)
+                        }
+                        stale => {
+                            if stale.and_then(|known| known.matched?.reported).is_some() {
+                                changes.removed.push(pid);
+                            }
+                            match self.discover(&proc_dir, stat) {
+                                Some(process) => (process, None),
+                                None => continue,
+                            }
+                        }
                     }
                 }
             };
@@ -321,6 +361,7 @@ impl HostRuleScanner {
         Some(KnownProcess {
             start_time: stat.start_time,
             comm: stat.comm,
+            kernel_thread: false,
             matched,
         })
     }
@@ -572,7 +613,7 @@ mod tests {
         ];
         let mut scanner = scanner(rules, facts(Some("prod")), &proc);
 
-        let changes = scanner.scan().unwrap();
+        let changes = scanner.scan(None).unwrap();
         assert_eq!(changes.removed, Vec::<u32>::new());
         assert_eq!(pids(&changes), [100, 101]);
         let shop = &changes.added[0];
@@ -601,7 +642,7 @@ mod tests {
         assert_eq!(script.process_name, "python3 app.py");
 
         // Nothing changed: nothing to report.
-        assert_eq!(scanner.scan().unwrap(), ScanChanges::default());
+        assert_eq!(scanner.scan(None).unwrap(), ScanChanges::default());
     }
 
     #[test]
@@ -618,7 +659,7 @@ mod tests {
         let rules = vec![rule(r"--port (\d+)", "svc", "inst", process)];
         let mut scanner = scanner(rules, facts(None), &proc);
 
-        let changes = scanner.scan().unwrap();
+        let changes = scanner.scan(None).unwrap();
         let root = proc.path().display();
         assert_eq!(
             changes.added[0].process_name,
@@ -645,7 +686,7 @@ mod tests {
         proc.add(5, "app", 1, &["app"]);
         let mut scanner = scanner(vec![rule(".", "s", "i", "p")], facts(None), &proc);
 
-        assert_eq!(pids(&scanner.scan().unwrap()), [5]);
+        assert_eq!(pids(&scanner.scan(None).unwrap()), [5]);
     }
 
     #[test]
@@ -656,7 +697,7 @@ mod tests {
         proc.add(12, "app", 102, &["app", "three"]);
         let rules = vec![rule("^app", "s", "i", "{{.Process.CommandLine}}")];
         let mut scanner = scanner(rules, facts(None), &proc);
-        assert_eq!(pids(&scanner.scan().unwrap()), [10, 11, 12]);
+        assert_eq!(pids(&scanner.scan(None).unwrap()), [10, 11, 12]);
 
         // 10 exits; 11 is reused by a new process with the same command line; 12 execs.
         proc.remove(10);
@@ -664,10 +705,48 @@ mod tests {
         proc.add(11, "app", 555, &["app", "two"]);
         proc.remove(12);
         proc.add(12, "app2", 102, &["app", "four"]);
-        let changes = scanner.scan().unwrap();
+        let changes = scanner.scan(None).unwrap();
         assert_eq!(changes.removed, [10, 11, 12]);
         assert_eq!(pids(&changes), [11, 12]);
         assert_eq!(changes.added[1].process_name, "app four");
+    }
+
+    #[test]
+    fn with_the_kernel_s_changes_only_changed_and_new_processes_are_read() {
+        let proc = FakeProc::new();
+        proc.add(10, "app", 100, &["app", "one"]);
+        proc.add(11, "app", 101, &["app", "two"]);
+        proc.add(12, "app", 102, &["app", "three"]);
+        proc.add_raw(2, "kthreadd", 'S', PF_KTHREAD, 1, &[]);
+        let rules = vec![rule("^app", "s", "i", "{{.Process.CommandLine}}")];
+        let mut scanner = scanner(rules, facts(None), &proc);
+        assert_eq!(
+            pids(&scanner.scan(Some(&HashSet::new())).unwrap()),
+            [10, 11, 12]
+        );
+
+        // 11 and 12 exec, but the kernel tells of 12 only; 10 exits; 13 is new.
+        for (pid, start, argv) in [(11, 101, ["app", "new-two"]), (12, 102, ["app", "new-3"])] {
+            proc.remove(pid);
+            proc.add(pid, "app2", start, &argv);
+        }
+        proc.remove(10);
+        proc.add(13, "app", 103, &["app", "five"]);
+        // A stat that cannot be read would drop a process read again: only 12 and 13 are.
+        fs::write(proc.path().join("11/stat"), "garbage").unwrap();
+        fs::write(proc.path().join("2/stat"), "garbage").unwrap();
+        let changes = scanner.scan(Some(&HashSet::from([12, 10]))).unwrap();
+        assert_eq!(changes.removed, [10, 12]);
+        assert_eq!(pids(&changes), [12, 13]);
+        assert_eq!(changes.added[0].process_name, "app new-3");
+
+        // Without the kernel's word, every process is read again: 11's exec is found (its stat
+        // readable again).
+        proc.remove(11);
+        proc.add(11, "app2", 101, &["app", "new-two"]);
+        let changes = scanner.scan(None).unwrap();
+        assert_eq!(changes.removed, [11]);
+        assert_eq!(pids(&changes), [11]);
     }
 
     #[test]
@@ -678,13 +757,13 @@ mod tests {
         fs::create_dir(&workdir).unwrap();
         let rules = vec![rule("^app", "s", "i", "{{.Process.WorkDir}}")];
         let mut scanner = scanner(rules, facts(None), &proc);
-        assert_eq!(pids(&scanner.scan().unwrap()), [20]);
+        assert_eq!(pids(&scanner.scan(None).unwrap()), [20]);
 
         // The process changed its working directory.
         let cwd = proc.path().join("20/cwd");
         fs::remove_file(&cwd).unwrap();
         std::os::unix::fs::symlink(&workdir, &cwd).unwrap();
-        let changes = scanner.scan().unwrap();
+        let changes = scanner.scan(None).unwrap();
         assert_eq!(changes.removed, [20]);
         assert_eq!(changes.added[0].process_name, workdir.display().to_string());
     }
@@ -700,14 +779,14 @@ mod tests {
             rule(".", "fallback", "i", "p"),
         ];
         let mut scanner = scanner(rules, facts(None), &proc);
-        let changes = scanner.scan().unwrap();
+        let changes = scanner.scan(None).unwrap();
         // 31's rule fails to render: it is skipped, not handed to a later rule.
         assert_eq!(pids(&changes), [30]);
         assert_eq!(
             changes.added[0].properties[3],
             ("support_ebpf_profiling".to_owned(), "false".to_owned())
         );
-        assert_eq!(scanner.scan().unwrap(), ScanChanges::default());
+        assert_eq!(scanner.scan(None).unwrap(), ScanChanges::default());
     }
 
     #[test]
@@ -757,14 +836,14 @@ mod tests {
         };
         let mut scanner = HostRuleScanner::new(&settings, facts(None)).unwrap();
 
-        let changes = scanner.scan().unwrap();
+        let changes = scanner.scan(None).unwrap();
         assert_eq!(pids(&changes), [child.id()]);
         assert_eq!(changes.added[0].process_name, "sleep");
         assert_eq!(changes.added[0].properties[3].1, "true");
 
         child.kill().unwrap();
         child.wait().unwrap();
-        let changes = scanner.scan().unwrap();
+        let changes = scanner.scan(None).unwrap();
         assert_eq!(changes.removed, [child.id()]);
         assert!(changes.added.is_empty());
     }

@@ -11,7 +11,7 @@ use tracing::error;
 use super::collector::{self, ActiveTasks, CollectorNotice, Message, TaskState};
 use super::stacks::Values;
 use super::{AgentConfig, TaskNotice, TaskSpec, TaskSummary, WindowSink, watcher};
-use crate::bpf::{Engine, EngineStatus, RecordingId, RecordingSpec, Targets};
+use crate::bpf::{Engine, EngineStatus, ProcessChanges, RecordingId, RecordingSpec, Targets};
 use crate::symbolize::{ProcessTable, ProcessTableStats};
 
 /// The long-lived profiling agent. Tasks start and stop on it at any time; each profiler is
@@ -159,6 +159,12 @@ impl Agent {
             pids,
             ended: None,
         })
+    }
+
+    /// The kernel's marks of execs and exits, for process discovery (see
+    /// `Engine::track_process_changes`).
+    pub async fn track_process_changes(&self) -> anyhow::Result<ProcessChanges> {
+        Ok(self.engine.track_process_changes().await?)
     }
 
     /// What the engine holds now.

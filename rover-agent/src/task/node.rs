@@ -11,8 +11,9 @@ use tracing::{debug, info, warn};
 use super::Agent;
 use super::backend_tasks::BackendTasks;
 use crate::backend::{Backend, Backoff, ProcessDirectory, ProcessReporter, UploadBuffer, Uploader};
+use crate::bpf::ProcessChanges;
 use crate::config::Settings;
-use crate::process::HostRuleScanner;
+use crate::process::{HostRuleScanner, ScanChanges};
 
 /// Retries after a failed call start here and double up to the period of what failed.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -43,6 +44,10 @@ pub async fn run_node(
         settings.discovery.properties_report_period,
         directory.clone(),
     );
+    let scanner = match scanner {
+        Some(scanner) => Some(HostScan::new(scanner, &agent).await),
+        None => None,
+    };
     let discovery = tokio::spawn(discover_and_report(
         reporter,
         scanner,
@@ -105,11 +110,52 @@ pub async fn run_node(
     Ok(())
 }
 
+/// The host rules' scanner and, when the kernel can tell, the processes that changed between
+/// two scans: with them a scan reads only changed and new processes, not every `stat`.
+struct HostScan {
+    scanner: HostRuleScanner,
+    changes: Option<ProcessChanges>,
+}
+
+impl HostScan {
+    async fn new(scanner: HostRuleScanner, agent: &super::Agent) -> Self {
+        let changes = agent
+            .track_process_changes()
+            .await
+            .inspect_err(|error| {
+                info!(
+                    "each host process scan reads every process, as the kernel cannot tell which \
+                     changed: {error:#}"
+                );
+            })
+            .ok();
+        Self { scanner, changes }
+    }
+
+    /// Blocking.
+    fn scan(&mut self) -> Result<ScanChanges, crate::process::host_rules::Error> {
+        let changed = match self.changes.as_mut().map(ProcessChanges::take) {
+            Some(Ok(changed)) if !changed.overflowed => Some(changed.pids),
+            Some(Ok(_)) => {
+                debug!("more processes changed than the kernel could mark: reading every one");
+                None
+            }
+            Some(Err(error)) => {
+                warn!("process changes unreadable, each scan reads every process now: {error}");
+                self.changes = None;
+                None
+            }
+            None => None,
+        };
+        self.scanner.scan(changed.as_ref())
+    }
+}
+
 /// Rescans host processes every scanner period and heartbeats every `heartbeat`; a failed
 /// heartbeat is retried sooner, with backoff.
 async fn discover_and_report(
     mut reporter: ProcessReporter,
-    mut scanner: Option<HostRuleScanner>,
+    mut scanner: Option<HostScan>,
     scan_period: Duration,
     heartbeat: Duration,
     mut stop: watch::Receiver<bool>,

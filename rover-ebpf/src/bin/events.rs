@@ -2,6 +2,10 @@
 //! space through a ring buffer, so that the agent snapshots a new or changed process's memory
 //! map while it lives, and learns at once of processes that ended. Exec and exit are reported
 //! for the processes in `WATCHED`, or for every process (and forks too) when `FILTER` says so.
+//!
+//! For process discovery, exec and exit also mark the process in `CHANGED` (when `FILTER` says
+//! so), without waking anyone: discovery reads and clears the set at each scan, and re-reads
+//! only those processes instead of every one.
 #![no_std]
 #![no_main]
 
@@ -21,8 +25,14 @@ use rover_ebpf::count;
 static TASK_TGID_OFFSET: Global<u32> = Global::new(0);
 
 /// Slot 0 non-zero: report every process (and forks); else exec and exit of `WATCHED` only.
+/// Slot 1 non-zero: mark execs and exits in `CHANGED`.
 #[map]
-static FILTER: Array<u64> = Array::with_max_entries(1, 0);
+static FILTER: Array<u64> = Array::with_max_entries(2, 0);
+/// Processes that replaced their image or ended since discovery last cleared the set. Key 0 (no
+/// process has TGID 0) is put there by user space: its value turns 1 when a process could not be
+/// marked because the map was full, and discovery then re-reads everything.
+#[map]
+static CHANGED: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 #[map]
 static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 #[map]
@@ -33,6 +43,22 @@ static EVENT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(event_co
 #[inline(always)]
 fn every_process() -> bool {
     FILTER.get(0).is_some_and(|all| *all != 0)
+}
+
+#[inline(always)]
+fn tracking_changes() -> bool {
+    FILTER.get(1).is_some_and(|on| *on != 0)
+}
+
+#[inline(always)]
+fn mark_changed(tgid: u32) {
+    if CHANGED.get_ptr(tgid).is_none()
+        && CHANGED.insert(tgid, 0u8, 0).is_err()
+        && let Some(overflowed) = CHANGED.get_ptr_mut(0u32)
+    {
+        // SAFETY: a value slot of our own map; one byte, written whole.
+        unsafe { *overflowed = 1 };
+    }
 }
 
 #[inline(always)]
@@ -85,6 +111,9 @@ pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
     if every_process() || WATCHED.get_ptr(tgid).is_some() {
         send(process_event::EXEC, tgid, 0);
     }
+    if tracking_changes() {
+        mark_changed(tgid);
+    }
     0
 }
 
@@ -99,6 +128,9 @@ pub fn process_exit(ctx: RawTracePointContext) -> i32 {
     let watched = WATCHED.remove(tgid).is_ok();
     if watched || every_process() {
         send(process_event::EXIT, tgid, 0);
+    }
+    if tracking_changes() {
+        mark_changed(tgid);
     }
     0
 }

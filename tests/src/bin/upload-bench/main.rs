@@ -4,8 +4,9 @@
 //!
 //! - `upload-bench flush [--iterations N] [--warmup N]`: one window of 10,000 distinct stacks of
 //!   depth 30 over 50 processes (already symbolized), encoded with `encode_window`, queued in an
-//!   `UploadBuffer` and sent by `Uploader::flush` to the fake OAP on loopback until it replied;
-//!   N times after a warm-up. Checks the fake received every message of every flush. Prints
+//!   `UploadBuffer` and sent by `Uploader::flush` on loopback to a gRPC sink in another process
+//!   (`upload-bench oap`) until it replied; N times after a warm-up. Checks, untimed, that the
+//!   sink received every message of every flush and that each decodes. Prints
 //!   `flush ...` with the median and max time and the sizes.
 //! - `upload-bench idle --agent PATH [--processes 500] [--seconds 60]`: 500 sleeping processes
 //!   named `rover-bench-idle-N`, the fake OAP, and `rover-agent run` with a host rule matching
@@ -25,9 +26,15 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
 use integration_tests::fake_oap::{FakeOap, Recorded, process_id};
+use prost::Message as _;
+use prost::bytes::Bytes;
+use raw_sink::{RawProfilingSink, RawStream};
 use rover_agent::backend::{Backend, UploadBuffer, UploadTask, Uploader, encode_window};
 use rover_agent::config::{BackendAddr, BackendSettings};
 use rover_agent::profile::{Frame, FrameKind, ProcessLabel, Profile, ValueType};
+use rover_proto::v3::{EbpfProfilingData, EbpfProfilingTaskMetadata, ebpf_profiling_data};
+
+mod raw_sink;
 
 #[derive(Parser)]
 #[command(about = "The node agent's upload path and idle cost (cargo xtask bench upload)")]
@@ -38,7 +45,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Mode {
-    /// Encode and send one large window to the fake OAP, repeatedly.
+    /// Encode and send one large window to the gRPC sink, repeatedly.
     Flush {
         #[arg(long, default_value_t = 20)]
         iterations: usize,
@@ -51,9 +58,10 @@ enum Mode {
         #[arg(long, default_value_t = 50)]
         processes: u32,
     },
-    /// The fake OAP in a process of its own, for `flush` (so that the OAP's decoding and
-    /// memory churn is not measured as the agent's): prints `listening ADDR`, then answers
-    /// each `check` line on stdin with a summary of the streams received since the last one.
+    /// The receiving end of `flush`, in a process of its own (its work is not the agent's):
+    /// `collectProfilingData` keeping messages undecoded (raw_sink.rs). Prints `listening
+    /// ADDR`, then answers each `check` line on stdin by decoding and checking the streams
+    /// received since the last one.
     Oap,
     /// `rover-agent run` with many reported processes and no task.
     Idle {
@@ -344,17 +352,17 @@ fn flush(
                 .stdout(Stdio::piped()),
         )
         .spawn()
-        .context("starting the fake OAP process")?,
+        .context("starting the gRPC sink process")?,
     ]);
     let oap_child = &mut oap.0[0];
     let oap_pid = oap_child.id();
-    let mut to_oap = oap_child.stdin.take().context("fake OAP stdin")?;
-    let mut from_oap = std::io::BufReader::new(oap_child.stdout.take().context("fake OAP stdout")?);
+    let mut to_oap = oap_child.stdin.take().context("sink stdin")?;
+    let mut from_oap = std::io::BufReader::new(oap_child.stdout.take().context("sink stdout")?);
     let mut read_line = move || -> anyhow::Result<String> {
         let mut line = String::new();
         ensure!(
             std::io::BufRead::read_line(&mut from_oap, &mut line)? > 0,
-            "the fake OAP process exited"
+            "the gRPC sink process exited"
         );
         Ok(line.trim().to_owned())
     };
@@ -362,7 +370,7 @@ fn flush(
     let addr: std::net::SocketAddr = listening
         .strip_prefix("listening ")
         .and_then(|addr| addr.parse().ok())
-        .with_context(|| format!("the fake OAP said {listening:?}"))?;
+        .with_context(|| format!("the gRPC sink said {listening:?}"))?;
     // The node agent's runtime (`rover-agent run`): two workers. The channel is made in it.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -395,7 +403,7 @@ fn flush(
         .count();
     let mut rows: Vec<[Duration; 3]> = Vec::with_capacity(iterations);
     // CPU of this process (the agent's side: encoding, the runtime's workers sending) per flush,
-    // and of the fake OAP's process (receiving, decoding) during the flushes.
+    // and of the sink's process (receiving) during the flushes.
     let mut agent_cpu: Vec<Duration> = Vec::with_capacity(iterations);
     let mut oap_cpu = Duration::ZERO;
     let (mut messages, mut bytes, mut received_bytes) = (0, 0, 0);
@@ -474,21 +482,32 @@ fn flush(
 }
 
 fn oap() -> anyhow::Result<()> {
-    let fake = FakeOap::start()?;
-    println!("listening {}", fake.addr());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let sink = RawProfilingSink::default();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    // The OAP's gRPC server (grpc-java on Netty) gives each stream a 1 MiB flow-control window.
+    let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(1 << 20)
+        .add_service(sink.clone())
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    runtime.spawn(server);
+    println!("listening {addr}");
     std::io::stdout().flush()?;
     for line in std::io::stdin().lines() {
         let line = line?;
         let answer = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
             ["check", task_id, expected, batches] => {
-                let recorded = fake.recorded();
-                fake.clear_recorded();
-                match check_received(&recorded, task_id, expected.parse()?, batches.parse()?) {
+                match check_received(sink.take(), task_id, expected.parse()?, batches.parse()?) {
                     Ok(bytes) => format!("ok received_bytes={bytes}"),
                     Err(error) => format!("error {error:#}"),
                 }
             }
-            _ => bail!("fake OAP process: unknown request {line:?}"),
+            _ => bail!("gRPC sink process: unknown request {line:?}"),
         };
         println!("{answer}");
         std::io::stdout().flush()?;
@@ -496,17 +515,18 @@ fn oap() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks one flush's stream; returns the bytes received (the messages' encoded sizes).
+/// Checks one flush's stream, every message decoded as the OAP decodes it; returns the bytes
+/// received.
 fn check_received(
-    recorded: &Recorded,
+    streams: Vec<RawStream>,
     task_id: &str,
     expected: usize,
     batches: usize,
 ) -> anyhow::Result<usize> {
-    let [stream] = recorded.profiling_streams.as_slice() else {
+    let [stream] = streams.as_slice() else {
         bail!(
-            "expected one collectProfilingData stream, the fake OAP recorded {}",
-            recorded.profiling_streams.len()
+            "expected one collectProfilingData stream, the sink received {}",
+            streams.len()
         );
     };
     ensure!(
@@ -516,14 +536,23 @@ fn check_received(
     );
     ensure!(
         stream.messages.len() == expected,
-        "the fake OAP received {} messages of {expected}",
+        "the sink received {} messages of {expected}",
         stream.messages.len()
     );
-    let headed: Vec<_> = stream
-        .messages
-        .iter()
-        .filter_map(|message| message.task.as_ref())
-        .collect();
+    let mut headed: Vec<EbpfProfilingTaskMetadata> = Vec::new();
+    for (index, bytes) in stream.messages.iter().enumerate() {
+        let message = EbpfProfilingData::decode(bytes.as_ref())
+            .with_context(|| format!("message {index} does not decode"))?;
+        let stacks = match &message.profiling {
+            Some(ebpf_profiling_data::Profiling::OnCpu(on_cpu)) => &on_cpu.stacks,
+            other => bail!("message {index} is not on-CPU profiling: {other:?}"),
+        };
+        ensure!(
+            !stacks.is_empty() && stacks.iter().all(|stack| !stack.stack_symbols.is_empty()),
+            "message {index} has an empty stack"
+        );
+        headed.extend(message.task);
+    }
     let processes: HashSet<&str> = headed.iter().map(|task| task.process_id.as_str()).collect();
     ensure!(
         headed.len() == batches
@@ -533,11 +562,7 @@ fn check_received(
         headed.len(),
         processes.len()
     );
-    Ok(stream
-        .messages
-        .iter()
-        .map(prost::Message::encoded_len)
-        .sum())
+    Ok(stream.messages.iter().map(Bytes::len).sum())
 }
 
 /// User + system CPU of this process so far, every thread included.
