@@ -806,6 +806,73 @@ async fn the_same_task_sent_again_extends_the_run() {
     drop(cpu);
 }
 
+/// A run that started after its task's start (the agent saw the task late) outlives the window
+/// its command gives; the same task sent again after that window still extends the run.
+#[tokio::test]
+async fn a_late_run_is_extended_by_its_task_sent_again_after_the_window() {
+    if !bpf_available("a_late_run_is_extended_by_its_task_sent_again_after_the_window") {
+        return;
+    }
+    let _lock = prepare();
+    let fake = FakeOap::start().expect("fake OAP");
+    let tag = token("late");
+    let cpu = Workload::spawn("cpu_split", &["60", &tag]);
+    let config = NodeConfig::new(&fake, vec![rule("cpu_split", &tag, "e2e-late")]);
+    let mut agent = NodeAgent::start(&config, &[]);
+    let id = wait_reported(&fake, &agent, &cpu).await;
+    const DURATION_S: i64 = 6;
+    // Started 4 s ago: its window ends in 2 s (the agent polls every second), the run lasts
+    // 6 s from when it starts.
+    let task_start_ms = now_ms() - 4000;
+    let first = TaskCommand::on_cpu(
+        "late-1",
+        std::slice::from_ref(&id),
+        task_start_ms,
+        DURATION_S,
+    );
+    fake.add_task(first.clone());
+    let recorded = wait(&fake, &agent, "the task's first upload", WAIT, |r| {
+        has_upload(r, "late-1")
+    })
+    .await;
+    let profiling_start_ms = profiling_start(&recorded, "late-1", &agent.context(&fake));
+    let run_end = profiling_start_ms + DURATION_S * 1000;
+    let window_end = task_start_ms + DURATION_S * 1000;
+    let clock = Clock::now();
+    sleep_until(clock.instant_of(window_end + 200)).await;
+    let resent_at = now_ms();
+    assert!(
+        resent_at > window_end && resent_at + 1500 < run_end,
+        "sent again at {resent_at}: not between the window's end {window_end} and the run's \
+         end {run_end} - 1.5 s\n{}",
+        agent.context(&fake)
+    );
+    fake.add_task(TaskCommand {
+        update_ms: resent_at.max(first.update_ms + 1),
+        ..first
+    });
+    let latest_end = resent_at + DURATION_S * 1000 + 1500;
+    sleep_until(clock.instant_of(latest_end) + Duration::from_secs(2)).await;
+    agent.assert_running(&fake);
+    let recorded = fake.recorded();
+    let context = agent.context(&fake);
+    let latest = task_messages(&recorded, "late-1")
+        .iter()
+        .map(|(_, task)| task.current_time)
+        .max()
+        .expect("uploads");
+    assert!(
+        latest >= run_end + 1000,
+        "no upload past the run's first end {run_end} (latest currentTime {latest}): not \
+         extended\n{context}"
+    );
+    assert!(
+        latest <= latest_end,
+        "currentTime {latest} past the extended end {latest_end}\n{context}"
+    );
+    drop(cpu);
+}
+
 // --- 5. OAP outages --------------------------------------------------------------------------
 
 #[tokio::test]

@@ -132,6 +132,22 @@ impl BackendTasks {
             return;
         }
         self.watermark.observe(&command);
+        let mut sorted_ids: Vec<String> = process_ids.values().cloned().collect();
+        sorted_ids.sort();
+        let key = RunKey {
+            kind,
+            process_ids: sorted_ids,
+        };
+        // Before the schedule: a run that started late may outlive the window the command
+        // gives, and its task sent again still extends it.
+        if let Some(run) = self.runs.get(&key)
+            && !run.join.is_finished()
+            && run.task_id == task_id
+        {
+            info!(task_id, duration = ?command.duration, "task sent again: run extended");
+            let _ = run.control.send(RunControl::Extend(command.duration));
+            return;
+        }
         let wait = match command.schedule(SystemTime::now()) {
             TaskSchedule::Expired => {
                 info!(task_id, "task already ended: skipped");
@@ -140,20 +156,9 @@ impl BackendTasks {
             TaskSchedule::Wait(wait) => wait,
             TaskSchedule::RunFor(_) => Duration::ZERO,
         };
-        let mut sorted_ids: Vec<String> = process_ids.values().cloned().collect();
-        sorted_ids.sort();
-        let key = RunKey {
-            kind,
-            process_ids: sorted_ids,
-        };
         if let Some(run) = self.runs.get(&key)
             && !run.join.is_finished()
         {
-            if run.task_id == task_id {
-                info!(task_id, duration = ?command.duration, "task sent again: run extended");
-                let _ = run.control.send(RunControl::Extend(command.duration));
-                return;
-            }
             info!(
                 task_id,
                 replaced = run.task_id,
