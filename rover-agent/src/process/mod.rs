@@ -1,10 +1,12 @@
 //! What the agent knows about processes on this host, from procfs.
 
+pub mod cgroup;
 pub mod entity;
 pub mod host_ip;
 pub mod host_rules;
 mod rule_template;
 
+pub use cgroup::{CgroupIdentity, CgroupReader, ContainerId, PodUid};
 pub use entity::{EntityIdentity, EntityNames, ProcessEntity, ProcessOrigin};
 pub use host_rules::{HostFacts, HostRuleScanner, ScanChanges};
 
