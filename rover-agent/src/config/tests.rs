@@ -253,7 +253,7 @@ fn the_shipped_example_loads_without_warnings() {
     assert_eq!(settings.backend.tls, None);
     assert!(settings.discovery.scanner.is_none());
     assert!(!settings.discovery.kubernetes.active);
-    assert_eq!(settings.discovery.kubernetes.analyzers.len(), 1);
+    assert_eq!(settings.discovery.kubernetes.analyzers.len(), 4);
     assert_eq!(settings.profiling, default_profiling());
     assert_eq!(settings.rover_rs, default_rover_rs());
 

@@ -17,9 +17,9 @@ pub enum HostIpError {
 /// The IPv4 and IPv6 address of one interface (the first of each family; for IPv6 a global
 /// address is preferred over a link-local one).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct InterfaceIps {
-    pub(crate) v4: Option<Ipv4Addr>,
-    pub(crate) v6: Option<Ipv6Addr>,
+pub struct InterfaceIps {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
 }
 
 /// The node's IP: `override_ip` when given (Kubernetes passes the downward-API `status.hostIP`,

@@ -11,21 +11,16 @@ use crate::config::{HostRuleSettings, ScannerSettings};
 
 use super::entity::{EntityNames, ProcessEntity};
 use super::host_ip::{self, HostIpError, InterfaceIps};
-use super::rule_template::{self, FinderValues, ProcessValues, RoverValues, RuleTemplate};
+use super::rule_template::{
+    self, FINDER_METHODS, FinderValues, ProcessValues, ROVER_METHODS, RoverValues, RuleTemplate,
+    TemplateError,
+};
 
 /// Why a scanner could not be built or could not scan.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{key}: cannot parse the template {template:?}")]
-    Template {
-        /// The config key, e.g. `process_discovery.scanner.regex[2].service_name`.
-        key: String,
-        template: String,
-        #[source]
-        source: Box<gtmpl::error::ParseError>,
-    },
-    #[error("{key}: empty name")]
-    EmptyName { key: String },
+    #[error(transparent)]
+    Template(#[from] TemplateError),
     #[error("cannot list the processes in {}", path.display())]
     ListProcesses {
         path: PathBuf,
@@ -152,14 +147,7 @@ impl HostRuleScanner {
             .map(|(index, rule)| {
                 let compile = |field: &str, source: &str| {
                     let key = format!("process_discovery.scanner.regex[{index}].{field}");
-                    if source.trim().is_empty() {
-                        return Err(Error::EmptyName { key });
-                    }
-                    RuleTemplate::parse(source).map_err(|source_error| Error::Template {
-                        key,
-                        template: source.to_owned(),
-                        source: source_error,
-                    })
+                    RuleTemplate::parse_setting(key, source, &[ROVER_METHODS, FINDER_METHODS])
                 };
                 let service_name = compile("service_name", &rule.service_name)?;
                 let instance_name = compile("instance_name", &rule.instance_name)?;

@@ -4,11 +4,13 @@ pub mod cgroup;
 pub mod entity;
 pub mod host_ip;
 pub mod host_rules;
+pub mod kubernetes;
 mod rule_template;
 
 pub use cgroup::{CgroupIdentity, CgroupReader, ContainerId, PodUid};
 pub use entity::{EntityIdentity, EntityNames, ProcessEntity, ProcessOrigin};
 pub use host_rules::{HostFacts, HostRuleScanner, ScanChanges};
+pub use rule_template::{ProcessValues, RoverValues};
 
 /// Whether `pid` is a running process (not gone, not a zombie waiting to be reaped).
 pub fn is_alive(pid: u32) -> bool {

@@ -1,17 +1,23 @@
-//! Go templates in host-rule names, with the context Rover 0.5.0's scanner gives them:
+//! Go templates in process names, with the context Rover gives them. Host rules (Rover 0.5.0's
+//! scanner) see `.Process`, `.Rover` and `.Finder`; Kubernetes analyzers see `.Process`, `.Rover`,
+//! `.Pod` and `.Container` (`process::kubernetes::analyzer`). Shared here:
 //!
 //! - `.Process`: `Pid`, `ExeName`, `ExeFilePath`, `CommandLine`, `ExeNameInCommandLine` (argv[0]),
 //!   `WorkDir`;
 //! - `.Rover`: `InstanceID`, `HostName`, `HostIPV4 "iface"`, `HostIPV6 "iface"`;
-//! - `.Finder`: `Layer`, `RegexMatchGroup N` (group N of `match_cmd`, 0 the whole match);
-//! - the function `equalsOrDefault EQ IF_SAME VALUE` (IF_SAME when VALUE equals EQ, else VALUE).
+//! - the function `equalsOrDefault EQ IF_SAME VALUE` (IF_SAME when VALUE equals EQ, else VALUE),
+//!   beside gtmpl's built-ins (`eq`, `ne`, `lt`, `le`, `gt`, `ge`, `and`, `or`, `not`, `len`,
+//!   `index`, `print`, `printf`, `println`, `urlquery`, `call`).
 //!
 //! gtmpl calls a function-valued field with its receiver only and refuses arguments, so a method
 //! with arguments (`{{.Rover.HostIPV4 "en0"}}`) cannot be a field. Before parsing, the template
-//! text is rewritten so that each such method becomes a template function taking its receiver
-//! first: `.Rover.HostIPV4 "en0"` → `__roverHostIPV4 $.Rover "en0"` (in actions only, never in
-//! string literals or comments); it reads its data from the receiver object. Methods without
-//! arguments are plain values, or functions of their receiver when they read `/proc` lazily.
+//! text is rewritten so that each call of such a method becomes a template function taking its
+//! receiver first: `.Rover.HostIPV4 "en0"` → `__HostIPV4 .Rover "en0"`, `$c.EnvValue "A"` →
+//! `__EnvValue $c "A"`, `(X).EnvValue "A"` → `__EnvValue (X) "A"`, `.EnvValue "A"` (dot is the
+//! receiver) → `__EnvValue . "A"` (in actions only, never in string literals or comments). The
+//! function reads its data from the receiver object, which carries it in hidden `__` fields.
+//! Methods without arguments are plain values, or functions of their receiver when they read
+//! `/proc` lazily.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,22 +27,19 @@ use gtmpl::{Context, Func, FuncError, Value};
 
 use super::host_ip::InterfaceIps;
 
-/// Methods with arguments and the functions they become (see the module doc).
-const METHODS_WITH_ARGUMENTS: &[(&str, &str)] = &[
-    (".Rover.HostIPV4", "__roverHostIPV4 $.Rover"),
-    (".Rover.HostIPV6", "__roverHostIPV6 $.Rover"),
-    (
-        ".Finder.RegexMatchGroup",
-        "__finderRegexMatchGroup $.Finder",
-    ),
-];
+/// Methods with arguments, by name, and the functions that implement them (see the module doc).
+pub(crate) type MethodsWithArguments = [(&'static str, Func)];
 
-const FUNCTIONS: &[(&str, Func)] = &[
-    ("__roverHostIPV4", rover_host_ipv4),
-    ("__roverHostIPV6", rover_host_ipv6),
-    ("__finderRegexMatchGroup", finder_regex_match_group),
-    ("equalsOrDefault", equals_or_default),
-];
+/// `.Rover`'s methods with arguments.
+pub(crate) const ROVER_METHODS: &MethodsWithArguments =
+    &[("HostIPV4", rover_host_ipv4), ("HostIPV6", rover_host_ipv6)];
+
+/// `.Finder`'s methods with arguments (host rules only).
+pub(crate) const FINDER_METHODS: &MethodsWithArguments =
+    &[("RegexMatchGroup", finder_regex_match_group)];
+
+/// Prefix of the function a method with arguments becomes.
+const METHOD_FUNCTION_PREFIX: &str = "__";
 
 // Fields the context objects carry for the functions above; not part of the documented context.
 const PROC_DIR: &str = "__procDir";
@@ -49,43 +52,131 @@ pub(crate) struct RuleTemplate {
     template: gtmpl::Template,
     /// Whether it asks for interface addresses, so a scan lists interfaces only when needed.
     pub(crate) uses_interfaces: bool,
+    /// The methods with arguments it calls, so a context holds only the data they read.
+    pub(crate) methods_used: Vec<&'static str>,
+}
+
+/// Why a template could not be rendered: gtmpl's message, without the dump of a whole context
+/// object that some of its errors carry.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RenderError(String);
+
+impl From<gtmpl::error::ExecError> for RenderError {
+    fn from(error: gtmpl::error::ExecError) -> Self {
+        use gtmpl::error::ExecError;
+        Self(match error {
+            ExecError::NoFiledFor(name, _) => format!("no field {name}"),
+            ExecError::InvalidRange(_) => "range over a value that is no list or map".to_owned(),
+            error => error.to_string(),
+        })
+    }
+}
+
+/// A template of the configuration that cannot be used, named by its config key.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("{key}: cannot parse the template {template:?}")]
+    Parse {
+        /// e.g. `process_discovery.kubernetes.analyzers[2].filters[0]`.
+        key: String,
+        /// As written in the configuration.
+        template: String,
+        #[source]
+        source: Box<gtmpl::error::ParseError>,
+    },
+    #[error("{key}: must be set")]
+    Empty { key: String },
 }
 
 impl RuleTemplate {
-    /// gtmpl's errors are large: boxed, to keep results small.
-    pub(crate) fn parse(source: &str) -> Result<Self, Box<gtmpl::error::ParseError>> {
-        let (text, uses_interfaces) = rewrite_methods_with_arguments(source);
-        let mut template = gtmpl::Template::default();
-        template.add_funcs(FUNCTIONS);
-        template.parse(text).map_err(Box::new)?;
-        Ok(Self {
-            template,
-            uses_interfaces,
+    /// The template of config key `key`; an empty one is an error, as in Rover.
+    pub(crate) fn parse_setting(
+        key: String,
+        source: &str,
+        method_tables: &[&MethodsWithArguments],
+    ) -> Result<Self, TemplateError> {
+        Self::parse_setting_as(key, source, source, method_tables)
+    }
+
+    /// An expression of config key `key`, parsed as the template `{{<source>}}` (Rover's
+    /// filters).
+    pub(crate) fn parse_expression_setting(
+        key: String,
+        source: &str,
+        method_tables: &[&MethodsWithArguments],
+    ) -> Result<Self, TemplateError> {
+        Self::parse_setting_as(key, source, &format!("{{{{{source}}}}}"), method_tables)
+    }
+
+    fn parse_setting_as(
+        key: String,
+        source: &str,
+        text: &str,
+        method_tables: &[&MethodsWithArguments],
+    ) -> Result<Self, TemplateError> {
+        if source.trim().is_empty() {
+            return Err(TemplateError::Empty { key });
+        }
+        Self::parse(text, method_tables).map_err(|error| TemplateError::Parse {
+            key,
+            template: source.to_owned(),
+            source: error,
         })
     }
 
-    pub(crate) fn render(&self, context: &Context) -> Result<String, Box<gtmpl::error::ExecError>> {
-        self.template.render(context).map_err(Box::new)
+    /// Parses `source`, where the methods of `method_tables` may be called with arguments.
+    /// gtmpl's errors are large: boxed, to keep results small.
+    fn parse(
+        source: &str,
+        method_tables: &[&MethodsWithArguments],
+    ) -> Result<Self, Box<gtmpl::error::ParseError>> {
+        let methods: Vec<(&'static str, Func)> = method_tables
+            .iter()
+            .flat_map(|table| table.iter().copied())
+            .collect();
+        let names: Vec<&'static str> = methods.iter().map(|(name, _)| *name).collect();
+        let (text, used) = rewrite_methods_with_arguments(source, &names);
+        let mut template = gtmpl::Template::default();
+        template.add_func("equalsOrDefault", equals_or_default);
+        for (name, function) in methods {
+            template.add_func(&format!("{METHOD_FUNCTION_PREFIX}{name}"), function);
+        }
+        template.parse(text).map_err(Box::new)?;
+        Ok(Self {
+            template,
+            uses_interfaces: used
+                .iter()
+                .any(|name| ROVER_METHODS.iter().any(|(rover, _)| rover == name)),
+            methods_used: used,
+        })
+    }
+
+    pub(crate) fn render(&self, context: &Context) -> Result<String, RenderError> {
+        self.template.render(context).map_err(RenderError::from)
     }
 }
 
 /// What `.Process` shows of one process.
-pub(crate) struct ProcessValues<'a> {
-    pub(crate) pid: u32,
-    pub(crate) exe_name: &'a str,
-    pub(crate) argv: &'a [String],
-    pub(crate) command_line: &'a str,
+pub struct ProcessValues<'a> {
+    pub pid: u32,
+    /// The executable's name (gopsutil's `Name`, as Rover's `ExeName`).
+    pub exe_name: &'a str,
+    pub argv: &'a [String],
+    /// argv joined by spaces.
+    pub command_line: &'a str,
     /// `/proc/PID`, read when a template asks for `ExeFilePath` or `WorkDir`.
-    pub(crate) proc_dir: &'a Path,
+    pub proc_dir: &'a Path,
 }
 
 /// What `.Rover` shows: the agent and its host.
-pub(crate) struct RoverValues<'a> {
-    pub(crate) instance_id: &'a str,
-    pub(crate) host_name: &'a str,
-    pub(crate) host_ip: IpAddr,
+pub struct RoverValues<'a> {
+    pub instance_id: &'a str,
+    pub host_name: &'a str,
+    /// The node's IP: `.Rover.HostIPV4` of an interface the host lacks.
+    pub host_ip: IpAddr,
     /// This scan's interfaces; `None` when no template asks for them.
-    pub(crate) interfaces: Option<&'a HashMap<String, InterfaceIps>>,
+    pub interfaces: Option<&'a HashMap<String, InterfaceIps>>,
 }
 
 /// What `.Finder` shows: the rule that matched.
@@ -95,13 +186,26 @@ pub(crate) struct FinderValues<'a> {
     pub(crate) groups: &'a [String],
 }
 
-/// The template context for one process.
+/// The template context of a host rule for one process.
 pub(crate) fn context(
     process: &ProcessValues<'_>,
     rover: &RoverValues<'_>,
     finder: &FinderValues<'_>,
 ) -> Context {
-    let process = object([
+    let finder = object([
+        ("Layer", Value::from(finder.layer)),
+        (GROUPS, Value::from(finder.groups)),
+    ]);
+    Context::from(object([
+        ("Process", process_object(process)),
+        ("Rover", rover_object(rover)),
+        ("Finder", finder),
+    ]))
+}
+
+/// `.Process`.
+pub(crate) fn process_object(process: &ProcessValues<'_>) -> Value {
+    object([
         ("Pid", Value::from(process.pid)),
         ("ExeName", Value::from(process.exe_name)),
         ("CommandLine", Value::from(process.command_line)),
@@ -112,7 +216,11 @@ pub(crate) fn context(
         ("ExeFilePath", Value::from(process_exe_file_path as Func)),
         ("WorkDir", Value::from(process_work_dir as Func)),
         (PROC_DIR, Value::from(process.proc_dir.to_string_lossy())),
-    ]);
+    ])
+}
+
+/// `.Rover`.
+pub(crate) fn rover_object(rover: &RoverValues<'_>) -> Value {
     let interfaces: HashMap<String, Value> = rover
         .interfaces
         .into_iter()
@@ -125,24 +233,16 @@ pub(crate) fn context(
             (name.clone(), ips)
         })
         .collect();
-    let rover = object([
+    object([
         ("InstanceID", Value::from(rover.instance_id)),
         ("HostName", Value::from(rover.host_name)),
         (HOST_IP, Value::from(rover.host_ip.to_string())),
         (INTERFACES, Value::Map(interfaces)),
-    ]);
-    let finder = object([
-        ("Layer", Value::from(finder.layer)),
-        (GROUPS, Value::from(finder.groups)),
-    ]);
-    Context::from(object([
-        ("Process", process),
-        ("Rover", rover),
-        ("Finder", finder),
-    ]))
+    ])
 }
 
-fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+/// A template object (a missing field is an error, as in Go).
+pub(crate) fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
     Value::Object(
         fields
             .into_iter()
@@ -151,64 +251,135 @@ fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
     )
 }
 
-/// Rewrites each method with arguments into its function (see the module doc); also says whether
-/// an interface method was used.
-fn rewrite_methods_with_arguments(source: &str) -> (String, bool) {
+/// Rewrites each call of a method with arguments into its function (see the module doc);
+/// returns the text and the names of the methods it rewrote.
+fn rewrite_methods_with_arguments(
+    source: &str,
+    methods: &[&'static str],
+) -> (String, Vec<&'static str>) {
     let mut out = String::with_capacity(source.len());
-    let mut uses_interfaces = false;
+    let mut used = Vec::new();
     let mut rest = source;
     while let Some(start) = rest.find("{{") {
         out.push_str(&rest[..start + 2]);
         rest = &rest[start + 2..];
+        // Where in `out` this action's open parentheses are, and where the group that closed
+        // last starts: `(X).Method` puts the function before its `(`.
+        let mut open_groups: Vec<usize> = Vec::new();
+        let mut closed_group: Option<usize> = None;
         let mut previous: Option<char> = None;
         loop {
             if rest.is_empty() || rest.starts_with("}}") {
                 break;
             }
-            // Literals and comments are copied whole.
-            let literal_end = match rest.as_bytes()[0] {
-                b'"' => Some(quoted_end(rest, '"')),
-                b'\'' => Some(quoted_end(rest, '\'')),
-                b'`' => Some(rest[1..].find('`').map_or(rest.len(), |end| end + 2)),
-                b'/' if rest.starts_with("/*") => {
-                    Some(rest[2..].find("*/").map_or(rest.len(), |end| end + 4))
-                }
-                _ => None,
-            };
-            if let Some(end) = literal_end {
+            if let Some(end) = literal_end(rest) {
                 out.push_str(&rest[..end]);
                 rest = &rest[end..];
                 previous = Some('"');
                 continue;
             }
-            let at_boundary = previous
-                .is_none_or(|c| !(c.is_alphanumeric() || matches!(c, '_' | '.' | ')' | '$')));
-            if at_boundary {
-                let method = rest.strip_prefix('$').unwrap_or(rest);
-                let rewrite = METHODS_WITH_ARGUMENTS.iter().find(|(name, _)| {
-                    method.strip_prefix(name).is_some_and(|after| {
-                        after
-                            .chars()
-                            .next()
-                            .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '.'))
-                    })
-                });
-                if let Some((name, function)) = rewrite {
-                    uses_interfaces |= name.starts_with(".Rover.");
-                    out.push_str(function);
-                    rest = &method[name.len()..];
-                    previous = Some(' ');
-                    continue;
-                }
-            }
             let Some(c) = rest.chars().next() else { break };
+            let after_group = previous == Some(')');
+            let at_boundary = previous
+                .is_none_or(|p| !(p.is_alphanumeric() || matches!(p, '_' | '.' | ')' | '$')));
+            if (c == '.' && (at_boundary || after_group)) || (c == '$' && at_boundary) {
+                let chain = FieldChain::scan(rest);
+                let method = chain
+                    .fields
+                    .last()
+                    .and_then(|last| methods.iter().find(|name| *name == last));
+                let group_start = if c == '.' && after_group {
+                    closed_group.map(Some)
+                } else {
+                    Some(None)
+                };
+                if let (Some(&name), Some(group_start)) = (method, group_start) {
+                    let function = format!("{METHOD_FUNCTION_PREFIX}{name} ");
+                    let receiver_fields: String = chain.fields[..chain.fields.len() - 1]
+                        .iter()
+                        .map(|field| format!(".{field}"))
+                        .collect();
+                    match group_start {
+                        Some(group_start) => {
+                            out.insert_str(group_start, &function);
+                            out.push_str(&receiver_fields);
+                        }
+                        None => {
+                            out.push_str(&function);
+                            let receiver = format!("{}{receiver_fields}", chain.base);
+                            out.push_str(if receiver.is_empty() { "." } else { &receiver });
+                        }
+                    }
+                    used.push(name);
+                } else {
+                    out.push_str(&rest[..chain.len]);
+                }
+                previous = rest[..chain.len].chars().next_back();
+                rest = &rest[chain.len..];
+                continue;
+            }
+            match c {
+                '(' => open_groups.push(out.len()),
+                ')' => closed_group = open_groups.pop(),
+                _ => {}
+            }
             out.push(c);
             rest = &rest[c.len_utf8()..];
             previous = Some(c);
         }
     }
     out.push_str(rest);
-    (out, uses_interfaces)
+    (out, used)
+}
+
+/// A variable or field chain in an action: `$`, `$name` or nothing, then `.Field`s.
+struct FieldChain<'a> {
+    base: &'a str,
+    fields: Vec<&'a str>,
+    /// Its length in the text: at least 1 from a `$` or a `.`.
+    len: usize,
+}
+
+impl<'a> FieldChain<'a> {
+    fn scan(text: &'a str) -> Self {
+        let identifier_len = |text: &str| {
+            text.char_indices()
+                .find(|(_, c)| !(c.is_alphanumeric() || *c == '_'))
+                .map_or(text.len(), |(index, _)| index)
+        };
+        let base_len = text
+            .strip_prefix('$')
+            .map_or(0, |name| 1 + identifier_len(name));
+        let mut len = base_len;
+        let mut fields = Vec::new();
+        while let Some(after_dot) = text[len..].strip_prefix('.') {
+            if !after_dot.starts_with(|c: char| c.is_alphabetic() || c == '_') {
+                break;
+            }
+            let field_len = identifier_len(after_dot);
+            fields.push(&after_dot[..field_len]);
+            len += 1 + field_len;
+        }
+        Self {
+            base: &text[..base_len],
+            fields,
+            // A lone `.` (dot itself) is one character.
+            len: len.max(1),
+        }
+    }
+}
+
+/// The length of a string, raw string, character literal or comment at the start of `text`.
+fn literal_end(text: &str) -> Option<usize> {
+    match text.as_bytes().first()? {
+        b'"' => Some(quoted_end(text, '"')),
+        b'\'' => Some(quoted_end(text, '\'')),
+        b'`' => Some(text[1..].find('`').map_or(text.len(), |end| end + 2)),
+        b'/' if text.starts_with("/*") => {
+            Some(text[2..].find("*/").map_or(text.len(), |end| end + 4))
+        }
+        _ => None,
+    }
 }
 
 /// The length of a `"…"` or `'…'` literal at the start of `text`, with backslash escapes.
@@ -225,21 +396,25 @@ fn quoted_end(text: &str, quote: char) -> usize {
     text.len()
 }
 
-fn field<'a>(receiver: Option<&'a Value>, name: &str) -> Option<&'a Value> {
+/// A field of an object or map value.
+pub(crate) fn field<'a>(receiver: Option<&'a Value>, name: &str) -> Option<&'a Value> {
     match receiver? {
         Value::Object(fields) | Value::Map(fields) => fields.get(name),
         _ => None,
     }
 }
 
-fn string_argument<'a>(
+/// Argument `index` of a method's function (0 is the receiver), which must be a string.
+pub(crate) fn string_argument<'a>(
     args: &'a [Value],
     index: usize,
-    function: &str,
+    method: &str,
 ) -> Result<&'a str, FuncError> {
     match args.get(index) {
         Some(Value::String(text)) => Ok(text),
-        _ => Err(FuncError::ExactlyXArgs(function.to_owned(), index)),
+        _ => Err(FuncError::Generic(format!(
+            "{method} takes a string as argument {index}"
+        ))),
     }
 }
 
@@ -325,17 +500,71 @@ fn equals_or_default(args: &[Value]) -> Result<Value, FuncError> {
 mod tests {
     use super::*;
 
+    const METHODS: &[&str] = &["HostIPV4", "HostIPV6", "RegexMatchGroup", "EnvValue"];
+
+    fn rewrite(source: &str) -> (String, Vec<&'static str>) {
+        rewrite_methods_with_arguments(source, METHODS)
+    }
+
     #[test]
     fn methods_with_arguments_become_functions_outside_literals() {
-        let (text, uses_interfaces) = rewrite_methods_with_arguments(
+        let (text, used) = rewrite(
             r#"a.Rover.HostIPV4 {{.Rover.HostIPV4 "en0"}}-{{ "x.Rover.HostIPV6" }}{{/* .Finder.RegexMatchGroup */}}{{$.Finder.RegexMatchGroup 1}}{{ $v.Rover.HostIPV4 }}{{.Rover.HostIPV4x}}"#,
         );
         assert_eq!(
             text,
-            r#"a.Rover.HostIPV4 {{__roverHostIPV4 $.Rover "en0"}}-{{ "x.Rover.HostIPV6" }}{{/* .Finder.RegexMatchGroup */}}{{__finderRegexMatchGroup $.Finder 1}}{{ $v.Rover.HostIPV4 }}{{.Rover.HostIPV4x}}"#
+            r#"a.Rover.HostIPV4 {{__HostIPV4 .Rover "en0"}}-{{ "x.Rover.HostIPV6" }}{{/* .Finder.RegexMatchGroup */}}{{__RegexMatchGroup $.Finder 1}}{{ __HostIPV4 $v.Rover }}{{.Rover.HostIPV4x}}"#
         );
-        assert!(uses_interfaces);
-        let (_, uses_interfaces) = rewrite_methods_with_arguments("{{.Finder.RegexMatchGroup 1}}");
-        assert!(!uses_interfaces);
+        assert_eq!(used, ["HostIPV4", "RegexMatchGroup", "HostIPV4"]);
+    }
+
+    #[test]
+    fn receivers_may_be_dot_variables_and_groups() {
+        let cases = [
+            (
+                r#"{{with .C}}{{.EnvValue "A"}}{{end}}"#,
+                r#"{{with .C}}{{__EnvValue . "A"}}{{end}}"#,
+            ),
+            (
+                r#"{{$c := .C}}{{$c.EnvValue "A"}}"#,
+                r#"{{$c := .C}}{{__EnvValue $c "A"}}"#,
+            ),
+            (
+                r#"{{(index .Cs 1).EnvValue "A"}}"#,
+                r#"{{__EnvValue (index .Cs 1) "A"}}"#,
+            ),
+            (
+                r#"{{eq ((.P.Find "x").Sub.EnvValue "A") (print "(")}}"#,
+                r#"{{eq (__EnvValue (.P.Find "x").Sub "A") (print "(")}}"#,
+            ),
+            (
+                r#"{{ 1.5 | printf "%.1f" }}"#,
+                r#"{{ 1.5 | printf "%.1f" }}"#,
+            ),
+            ("{{.}}{{$}}{{ . }}", "{{.}}{{$}}{{ . }}"),
+            // Unbalanced: left for the parser to refuse.
+            (r#"{{).EnvValue "A"}}"#, r#"{{).EnvValue "A"}}"#),
+        ];
+        for (source, expected) in cases {
+            assert_eq!(rewrite(source).0, expected, "{source}");
+        }
+    }
+
+    #[test]
+    fn interface_methods_are_noticed() {
+        let parse = |source| RuleTemplate::parse(source, &[ROVER_METHODS, FINDER_METHODS]);
+        assert!(
+            parse(r#"{{"lo" | .Rover.HostIPV6}}"#)
+                .unwrap()
+                .uses_interfaces
+        );
+        assert!(
+            !parse("{{.Finder.RegexMatchGroup 1}}")
+                .unwrap()
+                .uses_interfaces
+        );
+        // A method of another table is not rewritten: a field that does not exist.
+        let template = RuleTemplate::parse(r#"{{.Rover.HostIPV4 "lo"}}"#, &[FINDER_METHODS]);
+        assert!(!template.unwrap().uses_interfaces);
     }
 }

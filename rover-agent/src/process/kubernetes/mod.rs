@@ -1,0 +1,3 @@
+//! Processes of the pods on this node.
+
+pub mod analyzer;
