@@ -1,8 +1,10 @@
-//! What the agent knows about processes on this host, from procfs.
+//! What the agent knows about processes on this host, from procfs, and of the pods scheduled on
+//! this node, from the Kubernetes API server.
 
 pub mod entity;
 pub mod host_ip;
 pub mod host_rules;
+pub mod kubernetes;
 mod rule_template;
 
 pub use entity::{EntityIdentity, EntityNames, ProcessEntity, ProcessOrigin};
