@@ -62,13 +62,18 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Libraries whose logs the agent's own replace unless `-v` or `RUST_LOG` asks for them.
+const QUIET_LIBRARIES: &str = "kube_client=off,kube_runtime=off";
+
 /// Logs to stderr at `-v`'s level, else the configured one (`run`), else warnings; `RUST_LOG`
 /// overrides all.
 fn init_logging(verbose: u8, configured: Option<&str>) {
     let default = match (verbose, configured) {
-        // The configured level is the agent's: its libraries (gRPC, HTTP/2) only warn.
-        (0, Some(level)) => format!("warn,rover_agent={level}"),
-        (0, None) => "warn".to_owned(),
+        // The configured level is the agent's: its libraries (gRPC, HTTP/2) only warn, and
+        // kube-rs not at all: it logs every retry while the API server is unreachable (an error
+        // per refused connection), where `process::kubernetes` logs one line per outage.
+        (0, Some(level)) => format!("warn,{QUIET_LIBRARIES},rover_agent={level}"),
+        (0, None) => format!("warn,{QUIET_LIBRARIES}"),
         (1, _) => "info".to_owned(),
         _ => "debug".to_owned(),
     };

@@ -1,4 +1,5 @@
-//! What the agent knows about processes on this host, from procfs.
+//! What the agent knows about processes on this host, from procfs, and of the pods scheduled on
+//! this node, from the Kubernetes API server.
 
 pub mod cgroup;
 pub mod entity;
