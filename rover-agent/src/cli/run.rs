@@ -75,18 +75,6 @@ fn frequency_hz(dump_period: Duration) -> u64 {
         .max(1)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rovers_default_dump_period_is_111_hz() {
-        assert_eq!(frequency_hz(Duration::from_millis(9)), 111);
-        assert_eq!(frequency_hz(Duration::from_millis(10)), 100);
-        assert_eq!(frequency_hz(Duration::from_secs(1)), 1);
-    }
-}
-
 /// The host rules and the Kubernetes discovery as configured; a template or rule that does not
 /// parse is an error naming its key.
 fn node_sources(settings: &Settings, agent_id: &str) -> anyhow::Result<NodeSources> {
@@ -129,4 +117,16 @@ fn node_sources(settings: &Settings, agent_id: &str) -> anyhow::Result<NodeSourc
         host_rules,
         kubernetes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rovers_default_dump_period_is_111_hz() {
+        assert_eq!(frequency_hz(Duration::from_millis(9)), 111);
+        assert_eq!(frequency_hz(Duration::from_millis(10)), 100);
+        assert_eq!(frequency_hz(Duration::from_secs(1)), 1);
+    }
 }

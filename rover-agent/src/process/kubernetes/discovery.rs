@@ -123,7 +123,7 @@ impl KubernetesDiscovery {
         changed: Option<&HashSet<u32>>,
     ) -> Result<ScanChanges, DiscoveryError> {
         self.scans = self.scans.wrapping_add(1);
-        let recheck_cgroups = self.scans % CGROUP_RECHECK_EVERY == 0;
+        let recheck_cgroups = self.scans.is_multiple_of(CGROUP_RECHECK_EVERY);
         self.read_processes(changed, recheck_cgroups)?;
         let containers = container_index(snapshot, self.own_container.as_ref());
         let interfaces = self.analyzers.uses_interfaces().then(interfaces).flatten();
