@@ -6,14 +6,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use rover_proto::v3::{
-    EbpfHostProcessMetadata, EbpfProcessEntityMetadata, EbpfProcessPingPkg, EbpfProcessPingPkgList,
-    EbpfProcessProperties, EbpfProcessReportList, EbpfReportProcessDownstream, KeyStringValuePair,
-    ebpf_process_downstream, ebpf_process_properties,
+    EbpfHostProcessMetadata, EbpfKubernetesProcessMetadata, EbpfProcessEntityMetadata,
+    EbpfProcessPingPkg, EbpfProcessPingPkgList, EbpfProcessProperties, EbpfProcessReportList,
+    EbpfReportProcessDownstream, KeyStringValuePair, ebpf_process_downstream,
+    ebpf_process_properties,
 };
 use tracing::{debug, info};
 
 use super::{Backend, Error};
-use crate::process::{EntityIdentity, ProcessEntity};
+use crate::process::{EntityIdentity, ProcessEntity, ProcessOrigin};
 
 /// Processes per report call: keeps a message far below gRPC's 4 MiB default limit.
 const REPORT_CHUNK: usize = 500;
@@ -154,19 +155,36 @@ impl ProcessReporter {
         let processes = pids
             .iter()
             .filter_map(|pid| self.processes.get(pid))
-            .map(|process| EbpfProcessProperties {
-                metadata: Some(ebpf_process_properties::Metadata::HostProcess(
-                    EbpfHostProcessMetadata {
-                        entity: Some(entity_metadata(&process.entity)),
-                        pid: i32::try_from(process.entity.pid).unwrap_or(i32::MAX),
-                        properties: process
-                            .entity
-                            .properties
-                            .iter()
-                            .map(|(key, value)| pair(key, value))
-                            .collect(),
-                    },
-                )),
+            .map(|process| {
+                let entity = &process.entity;
+                let (entity_meta, pid, properties) = (
+                    Some(entity_metadata(entity)),
+                    i32::try_from(entity.pid).unwrap_or(i32::MAX),
+                    entity
+                        .properties
+                        .iter()
+                        .map(|(key, value)| pair(key, value))
+                        .collect(),
+                );
+                let metadata = match entity.origin {
+                    ProcessOrigin::Host => {
+                        ebpf_process_properties::Metadata::HostProcess(EbpfHostProcessMetadata {
+                            entity: entity_meta,
+                            pid,
+                            properties,
+                        })
+                    }
+                    ProcessOrigin::Kubernetes => ebpf_process_properties::Metadata::K8sProcess(
+                        EbpfKubernetesProcessMetadata {
+                            entity: entity_meta,
+                            pid,
+                            properties,
+                        },
+                    ),
+                };
+                EbpfProcessProperties {
+                    metadata: Some(metadata),
+                }
             })
             .collect();
         let reply = self

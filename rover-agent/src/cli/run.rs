@@ -10,8 +10,9 @@ use tracing::{info, warn};
 
 use super::EngineArgs;
 use crate::config::Settings;
+use crate::process::kubernetes::{KubernetesDiscovery, analyzer::Analyzers};
 use crate::process::{HostFacts, HostRuleScanner};
-use crate::task::{Agent, run_node};
+use crate::task::{Agent, KubernetesSource, NodeSources, run_node};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -32,16 +33,10 @@ pub(super) fn run(args: &RunArgs, verbose: u8) -> anyhow::Result<ExitCode> {
     for warning in &loaded.warnings {
         warn!("{}: {warning}", args.config.display());
     }
-    if settings.discovery.kubernetes.active {
+    if settings.discovery.scanner.is_none() && !settings.discovery.kubernetes.active {
         warn!(
-            "process_discovery.kubernetes: Kubernetes discovery is not in this version of \
-             rover-rs; only host rules (process_discovery.scanner) report processes"
-        );
-    }
-    if settings.discovery.scanner.is_none() {
-        warn!(
-            "no process_discovery.scanner rules: no process is reported, so the OAP can hand \
-             out no task (see configs/rover.yaml)"
+            "neither process_discovery.scanner rules nor process_discovery.kubernetes.active: \
+             no process is reported, so the OAP can hand out no task (see configs/rover.yaml)"
         );
     }
     crate::bpf::require_privilege().context("rover-agent run profiles processes")?;
@@ -58,21 +53,14 @@ pub(super) fn run(args: &RunArgs, verbose: u8) -> anyhow::Result<ExitCode> {
         .context("profiling.task.on_cpu.dump_period / rover_rs settings")?;
     // One id for the agent's life, sent as both ebpfAgentID and roverInstanceId.
     let agent_id = uuid::Uuid::new_v4().to_string();
-    let scanner = match &settings.discovery.scanner {
-        Some(scanner) => {
-            let facts = HostFacts::detect(settings.cluster_name.clone(), None, agent_id.clone())
-                .context("finding this node's IP address")?;
-            Some(HostRuleScanner::new(scanner, facts)?)
-        }
-        None => None,
-    };
+    let sources = node_sources(&settings, &agent_id)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let agent = Agent::start(agent_config)?;
-    runtime.block_on(run_node(agent, agent_id, &settings, scanner, async {
+    runtime.block_on(run_node(agent, agent_id, &settings, sources, async {
         let signal = super::stop_signal().await;
         info!("{signal} received");
     }))?;
@@ -85,6 +73,50 @@ fn frequency_hz(dump_period: Duration) -> u64 {
     u64::try_from((1_000_000_000 + period_ns / 2) / period_ns)
         .unwrap_or(1)
         .max(1)
+}
+
+/// The host rules and the Kubernetes discovery as configured; a template or rule that does not
+/// parse is an error naming its key.
+fn node_sources(settings: &Settings, agent_id: &str) -> anyhow::Result<NodeSources> {
+    let discovery = &settings.discovery;
+    if discovery.scanner.is_none() && !discovery.kubernetes.active {
+        return Ok(NodeSources {
+            host_rules: None,
+            kubernetes: None,
+        });
+    }
+    let facts = HostFacts::detect(settings.cluster_name.clone(), None, agent_id.to_owned())
+        .context("finding this node's IP address")?;
+    let host_rules = match &discovery.scanner {
+        Some(scanner) => Some(HostRuleScanner::new(scanner, facts.clone())?),
+        None => None,
+    };
+    let kubernetes = if discovery.kubernetes.active {
+        let kubernetes = &discovery.kubernetes;
+        let node_name = kubernetes.node_name.clone().context(
+            "process_discovery.kubernetes.node_name is empty: set it to this node's name (Rover's \
+             file reads it from ${ROVER_PROCESS_DISCOVERY_KUBERNETES_NODE_NAME}; the DaemonSet \
+             sets that from spec.nodeName)",
+        )?;
+        let analyzers = Analyzers::new(&kubernetes.analyzers)?;
+        if kubernetes.analyzers.iter().all(|analyzer| !analyzer.active) {
+            warn!(
+                "process_discovery.kubernetes.analyzers: none is active, so no process of a pod \
+                 is reported"
+            );
+        }
+        Some(KubernetesSource {
+            discovery: KubernetesDiscovery::new(analyzers, facts, "/proc"),
+            node_name,
+            namespaces: kubernetes.namespaces.clone(),
+        })
+    } else {
+        None
+    };
+    Ok(NodeSources {
+        host_rules,
+        kubernetes,
+    })
 }
 
 #[cfg(test)]

@@ -4,11 +4,23 @@
 use std::net::IpAddr;
 
 /// Where a process was found; the backend reports each kind in its own protocol one-of
-/// (`hostProcess` or `k8sProcess`). The Kubernetes source adds its variant.
+/// (`hostProcess` or `k8sProcess`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProcessOrigin {
     /// Matched by a host rule (`process_discovery.scanner.regex[]`).
     Host,
+    /// A process of a container of a pod on this node, named by the analyzers
+    /// (`process_discovery.kubernetes.analyzers[]`).
+    Kubernetes,
+}
+
+/// Where a Kubernetes process runs: its pod and container.
+#[derive(Clone, Copy, Debug)]
+pub struct PodPlacement<'a> {
+    /// The pod's IP (`status.podIP`), reported as `container_ip`; empty while it has none.
+    pub pod_ip: &'a str,
+    pub pod_name: &'a str,
+    pub container_name: &'a str,
 }
 
 /// The names a source gives a process, before they become a [`ProcessEntity`].
@@ -75,6 +87,42 @@ impl ProcessEntity {
         Self {
             pid,
             origin: ProcessOrigin::Host,
+            layer: names.layer,
+            service_name: service_name_in_cluster(cluster_name, names.service_name),
+            instance_name: names.instance_name,
+            process_name: names.process_name,
+            labels: names.labels,
+            properties,
+        }
+    }
+
+    /// A process of a pod's container, with the properties the protocol asks of Kubernetes
+    /// processes, in its order: `host_ip`, `container_ip`, `container_name`, `pod_name`, `pid`,
+    /// `command_line`, `support_ebpf_profiling`.
+    pub fn kubernetes(
+        pid: u32,
+        names: EntityNames,
+        cluster_name: Option<&str>,
+        host_ip: IpAddr,
+        placement: PodPlacement<'_>,
+        command_line: &str,
+        profilable: bool,
+    ) -> Self {
+        let properties = vec![
+            ("host_ip".to_owned(), host_ip.to_string()),
+            ("container_ip".to_owned(), placement.pod_ip.to_owned()),
+            (
+                "container_name".to_owned(),
+                placement.container_name.to_owned(),
+            ),
+            ("pod_name".to_owned(), placement.pod_name.to_owned()),
+            ("pid".to_owned(), pid.to_string()),
+            ("command_line".to_owned(), command_line.to_owned()),
+            ("support_ebpf_profiling".to_owned(), profilable.to_string()),
+        ];
+        Self {
+            pid,
+            origin: ProcessOrigin::Kubernetes,
             layer: names.layer,
             service_name: service_name_in_cluster(cluster_name, names.service_name),
             instance_name: names.instance_name,

@@ -11,6 +11,7 @@ use crate::config::{HostRuleSettings, ScannerSettings};
 
 use super::entity::{EntityNames, ProcessEntity};
 use super::host_ip::{self, HostIpError, InterfaceIps};
+use super::proc_files::{Stat, can_open_exe, exe_name, read_argv, read_stat};
 use super::rule_template::{
     self, FINDER_METHODS, FinderValues, ProcessValues, ROVER_METHODS, RoverValues, RuleTemplate,
     TemplateError,
@@ -125,17 +126,6 @@ struct MatchedProcess {
     reported: Option<ProcessEntity>,
 }
 
-/// The fields of `/proc/PID/stat` a scan needs.
-struct Stat {
-    comm: String,
-    state: char,
-    flags: u64,
-    start_time: u64,
-}
-
-/// `PF_KTHREAD` in `stat`'s flags: a kernel thread, which has no user space to profile.
-const PF_KTHREAD: u64 = 0x0020_0000;
-
 impl HostRuleScanner {
     /// Compiles every rule's name templates; a template that does not parse is an error naming
     /// its config key.
@@ -239,10 +229,10 @@ impl HostRuleScanner {
                     let Some(stat) = read_stat(&proc_dir) else {
                         continue;
                     };
-                    if matches!(stat.state, 'Z' | 'X') {
+                    if stat.is_gone() {
                         continue;
                     }
-                    if stat.flags & PF_KTHREAD != 0 {
+                    if stat.is_kernel_thread() {
                         // Remembered, so that it is not read again while the kernel says
                         // nothing of it.
                         self.known.insert(pid, KnownProcess::kernel_thread(stat));
@@ -318,13 +308,7 @@ impl HostRuleScanner {
     /// Reads a process seen for the first time: its command line and the first rule matching
     /// it. `None` when it vanished, or has no command line yet (it is read again next scan).
     fn discover(&self, proc_dir: &Path, stat: Stat) -> Option<KnownProcess> {
-        let cmdline = fs::read(proc_dir.join("cmdline")).ok()?;
-        let argv: Vec<String> = cmdline
-            .strip_suffix(b"\0")
-            .unwrap_or(&cmdline)
-            .split(|byte| *byte == 0)
-            .map(|arg| String::from_utf8_lossy(arg).into_owned())
-            .collect();
+        let argv = read_argv(proc_dir)?;
         let command_line = argv.join(" ");
         if command_line.is_empty() {
             return None;
@@ -340,7 +324,7 @@ impl HostRuleScanner {
                 groups,
                 // The agent reads the binary through /proc/PID/exe to symbolize it; a process
                 // it may not open (another user's, without privileges) cannot be profiled.
-                profilable: fs::File::open(proc_dir.join("exe")).is_ok(),
+                profilable: can_open_exe(proc_dir),
                 argv: argv.clone(),
                 command_line: command_line.clone(),
                 reported: None,
@@ -428,38 +412,8 @@ fn render(
     ))
 }
 
-/// The executable's name: `comm`, which the kernel cuts at 15 bytes, completed from argv[0]'s
-/// file name when that starts with it (as gopsutil's `Name`, which Rover's `ExeName` is).
-fn exe_name(comm: &str, argv: &[String]) -> String {
-    const COMM_MAX: usize = 15;
-    let argv0_name = argv
-        .first()
-        .and_then(|arg| arg.split(' ').next())
-        .and_then(|path| path.rsplit('/').next());
-    match argv0_name {
-        Some(name) if comm.len() >= COMM_MAX && name.starts_with(comm) => name.to_owned(),
-        _ => comm.to_owned(),
-    }
-}
-
-/// `/proc/PID/stat`: `pid (comm) state ppid … flags(9) … starttime(22)`; comm may hold spaces
-/// and parentheses, so fields are counted from its last `)`.
-fn read_stat(proc_dir: &Path) -> Option<Stat> {
-    let text = fs::read_to_string(proc_dir.join("stat")).ok()?;
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text.get(open + 1..close)?.to_owned();
-    let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
-    Some(Stat {
-        comm,
-        state: fields.first()?.chars().next()?,
-        flags: fields.get(6)?.parse().ok()?,
-        start_time: fields.get(19)?.parse().ok()?,
-    })
-}
-
 /// This scan's interface addresses; without them `.Rover.HostIPV4` falls back to the host IP.
-fn interfaces() -> Option<HashMap<String, InterfaceIps>> {
+pub(crate) fn interfaces() -> Option<HashMap<String, InterfaceIps>> {
     host_ip::interface_ips_by_name()
         .inspect_err(|error| tracing::warn!("cannot list network interfaces: {error}"))
         .ok()
@@ -489,6 +443,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::process::proc_files::PF_KTHREAD;
 
     const HOST_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
 

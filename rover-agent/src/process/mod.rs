@@ -6,10 +6,11 @@ pub mod entity;
 pub mod host_ip;
 pub mod host_rules;
 pub mod kubernetes;
+mod proc_files;
 mod rule_template;
 
 pub use cgroup::{CgroupIdentity, CgroupReader, ContainerId, PodUid};
-pub use entity::{EntityIdentity, EntityNames, ProcessEntity, ProcessOrigin};
+pub use entity::{EntityIdentity, EntityNames, PodPlacement, ProcessEntity, ProcessOrigin};
 pub use host_rules::{HostFacts, HostRuleScanner, ScanChanges};
 pub use rule_template::{ProcessValues, RoverValues};
 

@@ -10,12 +10,14 @@
 mod agent;
 mod backend_tasks;
 mod collector;
+mod discovery;
 mod node;
 mod stacks;
 mod upload_sink;
 mod watcher;
 
 pub use agent::{Agent, Task};
+pub use discovery::{KubernetesSource, NodeSources};
 pub use node::run_node;
 
 use std::time::Duration;

@@ -6,14 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::Agent;
 use super::backend_tasks::BackendTasks;
+use super::discovery::{DEFAULT_SCAN_PERIOD, NodeSources, ProcessSources, discover_and_report};
 use crate::backend::{Backend, Backoff, ProcessDirectory, ProcessReporter, UploadBuffer, Uploader};
-use crate::bpf::ProcessChanges;
 use crate::config::Settings;
-use crate::process::{HostRuleScanner, ScanChanges};
 
 /// Retries after a failed call start here and double up to the period of what failed.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -24,7 +23,7 @@ pub async fn run_node(
     agent: Agent,
     agent_id: String,
     settings: &Settings,
-    scanner: Option<HostRuleScanner>,
+    sources: NodeSources,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let agent = Arc::new(agent);
@@ -44,18 +43,15 @@ pub async fn run_node(
         settings.discovery.properties_report_period,
         directory.clone(),
     );
-    let scanner = match scanner {
-        Some(scanner) => Some(HostScan::new(scanner, &agent).await),
-        None => None,
-    };
+    let sources = ProcessSources::start(sources, &agent).await?;
     let discovery = tokio::spawn(discover_and_report(
         reporter,
-        scanner,
+        sources,
         settings
             .discovery
             .scanner
             .as_ref()
-            .map_or(Duration::MAX, |scanner| scanner.period),
+            .map_or(DEFAULT_SCAN_PERIOD, |scanner| scanner.period),
         settings.discovery.heartbeat_period,
         stop.clone(),
     ));
@@ -108,129 +104,6 @@ pub async fn run_node(
     discovery.abort();
     drop(Arc::try_unwrap(agent).ok());
     Ok(())
-}
-
-/// The host rules' scanner and, when the kernel can tell, the processes that changed between
-/// two scans: with them a scan reads only changed and new processes, not every `stat`.
-struct HostScan {
-    scanner: HostRuleScanner,
-    changes: Option<ProcessChanges>,
-}
-
-impl HostScan {
-    async fn new(scanner: HostRuleScanner, agent: &super::Agent) -> Self {
-        let changes = agent
-            .track_process_changes()
-            .await
-            .inspect_err(|error| {
-                info!(
-                    "each host process scan reads every process, as the kernel cannot tell which \
-                     changed: {error:#}"
-                );
-            })
-            .ok();
-        Self { scanner, changes }
-    }
-
-    /// Blocking.
-    fn scan(&mut self) -> Result<ScanChanges, crate::process::host_rules::Error> {
-        let changed = match self.changes.as_mut().map(ProcessChanges::take) {
-            Some(Ok(changed)) if !changed.overflowed => Some(changed.pids),
-            Some(Ok(_)) => {
-                debug!("more processes changed than the kernel could mark: reading every one");
-                None
-            }
-            Some(Err(error)) => {
-                warn!("process changes unreadable, each scan reads every process now: {error}");
-                self.changes = None;
-                None
-            }
-            None => None,
-        };
-        self.scanner.scan(changed.as_ref())
-    }
-}
-
-/// Rescans host processes every scanner period and heartbeats every `heartbeat`; a failed
-/// heartbeat is retried sooner, with backoff.
-async fn discover_and_report(
-    mut reporter: ProcessReporter,
-    mut scanner: Option<HostScan>,
-    scan_period: Duration,
-    heartbeat: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut next_scan = tokio::time::Instant::now();
-    let mut next_heartbeat = tokio::time::Instant::now();
-    let mut backoff = Backoff::new(FIRST_RETRY, heartbeat);
-    let mut failing = false;
-    loop {
-        // The time first: taking the scanner when it is not due would drop it (and every scan
-        // after the first heartbeat that falls between two scans).
-        if tokio::time::Instant::now() >= next_scan
-            && let Some(owned) = scanner.take()
-        {
-            match tokio::task::spawn_blocking(move || {
-                let mut owned = owned;
-                let changes = owned.scan();
-                (owned, changes)
-            })
-            .await
-            {
-                Ok((owned, Ok(changes))) => {
-                    scanner = Some(owned);
-                    if !changes.added.is_empty() || !changes.removed.is_empty() {
-                        debug!(
-                            added = changes.added.len(),
-                            removed = changes.removed.len(),
-                            "host processes changed"
-                        );
-                    }
-                    // A pid in both lists was replaced (reused, exec, renamed).
-                    for pid in changes.removed {
-                        reporter.removed(pid);
-                    }
-                    for entity in changes.added {
-                        reporter.added(entity);
-                    }
-                }
-                Ok((owned, Err(error))) => {
-                    scanner = Some(owned);
-                    warn!("scanning host processes: {error}");
-                }
-                Err(error) => warn!("the process scan panicked: {error}; host rules are off"),
-            }
-            next_scan += scan_period;
-        }
-        if tokio::time::Instant::now() >= next_heartbeat {
-            match reporter.heartbeat().await {
-                Ok(()) => {
-                    if failing {
-                        info!("the OAP answers again");
-                    }
-                    failing = false;
-                    backoff.succeeded();
-                    next_heartbeat = tokio::time::Instant::now() + heartbeat;
-                }
-                Err(error) => {
-                    if !failing {
-                        warn!("{error}; retrying with backoff");
-                    }
-                    failing = true;
-                    next_heartbeat = tokio::time::Instant::now() + backoff.failed();
-                }
-            }
-        }
-        let wake = if scanner.is_some() {
-            next_scan.min(next_heartbeat)
-        } else {
-            next_heartbeat
-        };
-        tokio::select! {
-            () = tokio::time::sleep_until(wake) => {}
-            _ = stop.changed() => return,
-        }
-    }
 }
 
 async fn poll_tasks(mut tasks: BackendTasks, interval: Duration, mut stop: watch::Receiver<bool>) {

@@ -7,6 +7,7 @@
 
 pub mod analyzer;
 mod api_server;
+mod discovery;
 mod reachability;
 mod service_match;
 mod watch;
@@ -14,6 +15,7 @@ mod watch;
 use std::time::Duration;
 
 pub use api_server::ApiServer;
+pub use discovery::{DiscoveryError, KubernetesDiscovery};
 pub use service_match::service_of_pod;
 pub use watch::{ClusterSnapshot, PodWatch};
 

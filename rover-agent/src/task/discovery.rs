@@ -1,0 +1,232 @@
+//! The node agent's process discovery: host rules and the pods on this node, scanned every
+//! period (and at once when the pods change), their changes handed to the process reporter,
+//! which reports and keeps alive every heartbeat.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::Agent;
+use crate::backend::{Backoff, ProcessReporter};
+use crate::bpf::ProcessChanges;
+use crate::process::kubernetes::{ApiServer, KubernetesDiscovery, PodWatch};
+use crate::process::{HostRuleScanner, ScanChanges};
+
+/// How often processes are scanned when no host rules give a period.
+pub const DEFAULT_SCAN_PERIOD: Duration = Duration::from_secs(3);
+/// A change of the pods is scanned for this long after it (and the changes meanwhile with it).
+const POD_CHANGE_DELAY: Duration = Duration::from_millis(300);
+/// Retries after a failed heartbeat start here and double up to the heartbeat period.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// What finds this node's processes, as configured (validated, not started).
+pub struct NodeSources {
+    pub host_rules: Option<HostRuleScanner>,
+    pub kubernetes: Option<KubernetesSource>,
+}
+
+/// `process_discovery.kubernetes`, ready to start.
+pub struct KubernetesSource {
+    pub discovery: KubernetesDiscovery,
+    pub node_name: String,
+    pub namespaces: Vec<String>,
+}
+
+/// The sources running: the pods watched, and the kernel's marks of execs and exits when it can
+/// give them, so that a scan reads only the processes that changed.
+pub struct ProcessSources {
+    host_rules: Option<HostRuleScanner>,
+    kubernetes: Option<(KubernetesDiscovery, PodWatch)>,
+    changes: Option<ProcessChanges>,
+}
+
+impl ProcessSources {
+    /// Starts the pod watch (it retries by itself while the API server is unreachable). Fails
+    /// only when there is no API server to talk to at all.
+    pub async fn start(sources: NodeSources, agent: &Agent) -> anyhow::Result<Self> {
+        let kubernetes = match sources.kubernetes {
+            Some(source) => {
+                let server = ApiServer::infer()
+                    .await
+                    .context("process_discovery.kubernetes.active")?;
+                let watch = PodWatch::start(&server, &source.node_name, &source.namespaces)
+                    .context("process_discovery.kubernetes")?;
+                info!(
+                    api_server = server.url(),
+                    node = source.node_name,
+                    "watching the pods of this node"
+                );
+                Some((source.discovery, watch))
+            }
+            None => None,
+        };
+        let changes = if sources.host_rules.is_some() || kubernetes.is_some() {
+            agent
+                .track_process_changes()
+                .await
+                .inspect_err(|error| {
+                    info!(
+                        "each process scan reads every process, as the kernel cannot tell \
+                         which changed: {error:#}"
+                    );
+                })
+                .ok()
+        } else {
+            None
+        };
+        Ok(Self {
+            host_rules: sources.host_rules,
+            kubernetes,
+            changes,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.host_rules.is_none() && self.kubernetes.is_none()
+    }
+
+    /// Bumped when the watched pods or Services change.
+    fn pod_changes(&self) -> Option<watch::Receiver<u64>> {
+        self.kubernetes.as_ref().map(|(_, watch)| watch.changes())
+    }
+
+    /// One scan of every source. Blocking.
+    fn scan(&mut self) -> ScanChanges {
+        let changed = self.changed();
+        let mut all = ScanChanges::default();
+        if let Some(scanner) = &mut self.host_rules {
+            match scanner.scan(changed.as_ref()) {
+                Ok(changes) => merge(&mut all, changes),
+                Err(error) => warn!("scanning host processes: {error}"),
+            }
+        }
+        if let Some((discovery, watch)) = &mut self.kubernetes {
+            match discovery.scan(&watch.snapshot(), changed.as_ref()) {
+                Ok(changes) => merge(&mut all, changes),
+                Err(error) => warn!("scanning the processes of pods: {error}"),
+            }
+        }
+        all
+    }
+
+    /// The processes the kernel marked since the last scan; `None` when it cannot tell.
+    fn changed(&mut self) -> Option<HashSet<u32>> {
+        match self.changes.as_mut().map(ProcessChanges::take) {
+            Some(Ok(changed)) if !changed.overflowed => Some(changed.pids),
+            Some(Ok(_)) => {
+                debug!("more processes changed than the kernel could mark: reading every one");
+                None
+            }
+            Some(Err(error)) => {
+                warn!("process changes unreadable, each scan reads every process now: {error}");
+                self.changes = None;
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// Both sources' changes: a pid is found by one source at most (host rules skip nothing of
+/// pods, so a process matching both is reported by each; the later report wins in the reporter).
+fn merge(all: &mut ScanChanges, changes: ScanChanges) {
+    all.removed.extend(changes.removed);
+    all.added.extend(changes.added);
+}
+
+/// Scans processes every `scan_period` (and soon after the pods change) and heartbeats every
+/// `heartbeat`; a failed heartbeat is retried sooner, with backoff.
+pub async fn discover_and_report(
+    mut reporter: ProcessReporter,
+    sources: ProcessSources,
+    scan_period: Duration,
+    heartbeat: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut pod_changes = sources.pod_changes();
+    let mut sources = (!sources.is_empty()).then_some(sources);
+    let mut next_scan = tokio::time::Instant::now();
+    let mut next_heartbeat = tokio::time::Instant::now();
+    let mut backoff = Backoff::new(FIRST_RETRY, heartbeat);
+    let mut failing = false;
+    loop {
+        // The time first: taking the sources when no scan is due would drop them.
+        if tokio::time::Instant::now() >= next_scan
+            && let Some(owned) = sources.take()
+        {
+            match tokio::task::spawn_blocking(move || {
+                let mut owned = owned;
+                let changes = owned.scan();
+                (owned, changes)
+            })
+            .await
+            {
+                Ok((owned, changes)) => {
+                    sources = Some(owned);
+                    if !changes.added.is_empty() || !changes.removed.is_empty() {
+                        debug!(
+                            added = changes.added.len(),
+                            removed = changes.removed.len(),
+                            "processes changed"
+                        );
+                    }
+                    // A pid in both lists was replaced (reused, exec, renamed).
+                    for pid in changes.removed {
+                        reporter.removed(pid);
+                    }
+                    for entity in changes.added {
+                        reporter.added(entity);
+                    }
+                }
+                Err(error) => warn!("the process scan panicked: {error}; discovery is off"),
+            }
+            next_scan = tokio::time::Instant::now() + scan_period;
+        }
+        if tokio::time::Instant::now() >= next_heartbeat {
+            match reporter.heartbeat().await {
+                Ok(()) => {
+                    if failing {
+                        info!("the OAP answers again");
+                    }
+                    failing = false;
+                    backoff.succeeded();
+                    next_heartbeat = tokio::time::Instant::now() + heartbeat;
+                }
+                Err(error) => {
+                    if !failing {
+                        warn!("{error}; retrying with backoff");
+                    }
+                    failing = true;
+                    next_heartbeat = tokio::time::Instant::now() + backoff.failed();
+                }
+            }
+        }
+        let wake = if sources.is_some() {
+            next_scan.min(next_heartbeat)
+        } else {
+            next_heartbeat
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            changed = async {
+                match &mut pod_changes {
+                    Some(changes) => changes.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match changed {
+                    // Scan soon (a burst of pod events makes one scan): new pods' processes
+                    // are reported at the next heartbeat.
+                    Ok(()) => {
+                        next_scan = next_scan.min(tokio::time::Instant::now() + POD_CHANGE_DELAY);
+                    }
+                    Err(_) => pod_changes = None,
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
