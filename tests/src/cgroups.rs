@@ -229,7 +229,11 @@ impl TestCgroups {
     /// processes are. Its stdin and stdout are null unless set; it is killed when this is
     /// dropped, or when the thread that started it ends. Returns its pid, checked in
     /// `/proc/PID/cgroup`.
-    pub fn spawn(&mut self, cgroup: &ContainerCgroup, command: &mut Command) -> anyhow::Result<u32> {
+    pub fn spawn(
+        &mut self,
+        cgroup: &ContainerCgroup,
+        command: &mut Command,
+    ) -> anyhow::Result<u32> {
         let procs = CString::new(cgroup.dir.join("cgroup.procs").as_os_str().as_bytes())
             .context("a cgroup path with a NUL byte")?;
         command.stdin(Stdio::null()).stdout(Stdio::null());
@@ -333,7 +337,10 @@ fn kill_members(dir: &Path) {
         }
     }
     let members = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-    for pid in members.lines().filter_map(|pid| pid.parse::<libc::pid_t>().ok()) {
+    for pid in members
+        .lines()
+        .filter_map(|pid| pid.parse::<libc::pid_t>().ok())
+    {
         // SAFETY: kill(2) has no memory preconditions.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
@@ -532,12 +539,18 @@ mod tests {
         drop(cgroups);
         assert!(!root.exists(), "{} is left", root.display());
         for pid in [direct, shell] {
-            assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{pid} is left");
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "{pid} is left"
+            );
         }
         // Reaped by init once killed; alive no more either way.
         let deadline = Instant::now() + Duration::from_secs(5);
         while is_running(grandchild) {
-            assert!(Instant::now() < deadline, "grandchild {grandchild} still runs");
+            assert!(
+                Instant::now() < deadline,
+                "grandchild {grandchild} still runs"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -587,7 +600,10 @@ mod tests {
             a
         );
         drop(two);
-        assert!(a.dir.exists(), "dropping one instance removed another's cgroup");
+        assert!(
+            a.dir.exists(),
+            "dropping one instance removed another's cgroup"
+        );
     }
 
     #[test]

@@ -181,9 +181,7 @@ impl TestPod {
                 .iter()
                 .map(|c| ContainerStatus {
                     name: c.name.clone(),
-                    container_id: c
-                        .id_known
-                        .then(|| c.layout.status_container_id(&c.id)),
+                    container_id: c.id_known.then(|| c.layout.status_container_id(&c.id)),
                     image: format!("registry.example/{}:1.0", c.name),
                     ready: c.id_known,
                     started: Some(c.id_known),
@@ -549,7 +547,11 @@ async fn containerd_crio_docker_and_cgroupfs_pods_have_every_process_reported_wi
         .label("job-name", "nightly-report-28467")
         .owned_by("Job", "nightly-report-28467")
         .container("report", CgroupLayout::DockerSystemd);
-    for (name, app) in [("orders", "orders"), ("payments", "payments"), ("cache", "cache")] {
+    for (name, app) in [
+        ("orders", "orders"),
+        ("payments", "payments"),
+        ("cache", "cache"),
+    ] {
         node.kube
             .apply_service(fake_kube::service("shop", name, &[("app", app)]));
     }
@@ -567,7 +569,13 @@ async fn containerd_crio_docker_and_cgroupfs_pods_have_every_process_reported_wi
     let mut config = node.config(Vec::new());
     config.cluster_name = Some("e2e-cluster".to_owned());
     let mut agent = NodeAgent::start(&config, &[]);
-    let pids = [orders_first, orders_second, payments_pid, cache_pid, batch_pid];
+    let pids = [
+        orders_first,
+        orders_second,
+        payments_pid,
+        cache_pid,
+        batch_pid,
+    ];
     let recorded = node
         .wait(&agent, "every process of the four pods", WAIT, |r| {
             reported(r, &pids)
@@ -674,8 +682,11 @@ async fn an_istio_pod_has_its_sidecar_in_mesh_dp_and_its_application_in_mesh() {
         .container("reviews", CgroupLayout::ContainerdSystemd)
         .container("istio-proxy", CgroupLayout::ContainerdSystemd);
     // A Service selects it too: the mesh analyzers come first.
-    node.kube
-        .apply_service(fake_kube::service("bookinfo", "reviews", &[("app", "reviews")]));
+    node.kube.apply_service(fake_kube::service(
+        "bookinfo",
+        "reviews",
+        &[("app", "reviews")],
+    ));
     node.kube.apply_pod(reviews.pod());
     let app = node.run_in(&reviews, "reviews", &mut sleeper());
     let envoy = node.run_in(&reviews, "istio-proxy", &mut sleep(604));
@@ -715,15 +726,16 @@ async fn an_istio_pod_has_its_sidecar_in_mesh_dp_and_its_application_in_mesh() {
 
 #[tokio::test]
 async fn a_pod_added_after_its_processes_is_reported_within_a_heartbeat() {
-    let Some(_lock) = prerequisites("a_pod_added_after_its_processes_is_reported_within_a_heartbeat")
+    let Some(_lock) =
+        prerequisites("a_pod_added_after_its_processes_is_reported_within_a_heartbeat")
     else {
         return;
     };
     let mut node = Node::start();
     let early = TestPod::new("shop", "early-0", "10.244.3.31")
         .container("app", CgroupLayout::ContainerdSystemd);
-    let late = TestPod::new("shop", "late-0", "10.244.3.32")
-        .container("app", CgroupLayout::CrioSystemd);
+    let late =
+        TestPod::new("shop", "late-0", "10.244.3.32").container("app", CgroupLayout::CrioSystemd);
     node.kube.apply_pod(early.pod());
     let early_pid = node.run_in(&early, "app", &mut sleep(605));
     // The late pod's processes run before the API server has the pod.
@@ -772,7 +784,10 @@ async fn a_pod_added_after_its_processes_is_reported_within_a_heartbeat() {
     .check(
         &recorded,
         &agent_host_ip(),
-        &format!("reported {latency:?} after the pod was added\n{}", node.context(&agent)),
+        &format!(
+            "reported {latency:?} after the pod was added\n{}",
+            node.context(&agent)
+        ),
     );
 }
 
@@ -873,9 +888,12 @@ async fn host_processes_and_processes_of_no_pod_on_this_node_are_not_reported_as
 
     let rule = HostRule::new(&format!("^{tag} "), "e2e-host");
     let mut agent = NodeAgent::start(&node.config(vec![rule]), &[]);
-    node.wait(&agent, "the pod's and the host rule's processes", WAIT, |r| {
-        reported(r, &[here_pid]) && host_pids(r).contains(&pid_i32(ruled_host_pid))
-    })
+    node.wait(
+        &agent,
+        "the pod's and the host rule's processes",
+        WAIT,
+        |r| reported(r, &[here_pid]) && host_pids(r).contains(&pid_i32(ruled_host_pid)),
+    )
     .await;
     let after = heartbeats(&node.oap.recorded()).len();
     let recorded = node
