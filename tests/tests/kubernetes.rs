@@ -389,7 +389,18 @@ struct Heartbeat {
     names: BTreeSet<Names>,
 }
 
-/// The heartbeats in the order they arrived.
+/// Heartbeat calls so far, their messages recorded or not: the index in [`heartbeats`] of the
+/// next one.
+fn heartbeat_calls(recorded: &Recorded) -> usize {
+    recorded
+        .calls
+        .iter()
+        .filter(|call| matches!(call.method, "reportProcesses" | "keepAlive"))
+        .count()
+}
+
+/// The heartbeats in the order they arrived (up to the first whose message is not recorded
+/// yet).
 fn heartbeats(recorded: &Recorded) -> Vec<Heartbeat> {
     let (mut reports, mut pings) = (0, 0);
     let mut heartbeats = Vec::new();
@@ -651,7 +662,7 @@ async fn containerd_crio_docker_and_cgroupfs_pods_have_every_process_reported_wi
 
     // Then kept alive, all of them, at every heartbeat.
     let all: BTreeSet<Names> = expected.iter().map(Expected::names).collect();
-    let after = heartbeats(&recorded).len();
+    let after = heartbeat_calls(&recorded);
     let recorded = node
         .wait(&agent, "two more heartbeats", WAIT, |r| {
             heartbeats(r).len() >= after + 2
@@ -747,7 +758,7 @@ async fn a_pod_added_after_its_processes_is_reported_within_a_heartbeat() {
     })
     .await;
     // Two heartbeats more: the late process, in no pod yet, is not reported.
-    let after = heartbeats(&node.oap.recorded()).len();
+    let after = heartbeat_calls(&node.oap.recorded());
     let recorded = node
         .wait(&agent, "two more heartbeats", WAIT, |r| {
             heartbeats(r).len() >= after + 2
@@ -824,7 +835,7 @@ async fn a_deleted_pods_processes_are_no_longer_kept_alive() {
     .await;
 
     // The processes stay; their pod goes.
-    let deleted = heartbeats(&node.oap.recorded()).len();
+    let deleted = heartbeat_calls(&node.oap.recorded());
     node.kube
         .delete_pod("shop", "goes-0")
         .expect("the pod existed");
@@ -835,7 +846,7 @@ async fn a_deleted_pods_processes_are_no_longer_kept_alive() {
         .await;
     agent.assert_running(&node.oap);
     let context = node.context(&agent);
-    // The first heartbeat may have been on its way when the pod went.
+    // The first heartbeat after the deletion may come before the agent saw it.
     for heartbeat in &heartbeats(&recorded)[deleted + 1..] {
         assert!(
             heartbeat.names.is_disjoint(&goes_names),
@@ -895,7 +906,7 @@ async fn host_processes_and_processes_of_no_pod_on_this_node_are_not_reported_as
         |r| reported(r, &[here_pid]) && host_pids(r).contains(&pid_i32(ruled_host_pid)),
     )
     .await;
-    let after = heartbeats(&node.oap.recorded()).len();
+    let after = heartbeat_calls(&node.oap.recorded());
     let recorded = node
         .wait(&agent, "two more heartbeats", WAIT, |r| {
             heartbeats(r).len() >= after + 2
@@ -968,7 +979,7 @@ async fn an_api_server_down_at_start_leaves_host_rules_working_and_its_pods_are_
     })
     .await;
     // A few heartbeats with the API server down: the agent goes on, host processes kept alive.
-    let after = heartbeats(&node.oap.recorded()).len();
+    let after = heartbeat_calls(&node.oap.recorded());
     let recorded = node
         .wait(&agent, "two more heartbeats", WAIT, |r| {
             heartbeats(r).len() >= after + 2
@@ -987,6 +998,22 @@ async fn an_api_server_down_at_start_leaves_host_rules_working_and_its_pods_are_
             .filter(|h| h.keep_alive)
             .all(|h| h.names.contains(&host_names)),
         "the host process is not kept alive while the API server is down\n{}",
+        node.context(&agent)
+    );
+    // One clear line says so, however many attempts failed.
+    let failing = |agent: &NodeAgent| {
+        agent
+            .stderr()
+            .lines()
+            .filter(|line| {
+                line.contains("Kubernetes API server") && line.contains("retrying with backoff")
+            })
+            .count()
+    };
+    assert_eq!(
+        failing(&agent),
+        1,
+        "one log line should say the API server is failing\n{}",
         node.context(&agent)
     );
 
@@ -1014,6 +1041,14 @@ async fn an_api_server_down_at_start_leaves_host_rules_working_and_its_pods_are_
         command_line: "sleep 615".to_owned(),
     }
     .check(&recorded, &agent_host_ip(), &node.context(&agent));
+    assert!(
+        agent
+            .wait_for_log(&["Kubernetes API server", "answering again"], WAIT)
+            .is_some(),
+        "no log line says the API server answers again\n{}",
+        node.context(&agent)
+    );
+    assert_eq!(failing(&agent), 1, "{}", node.context(&agent));
     assert!(
         node.kube
             .requests()
