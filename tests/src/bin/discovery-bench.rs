@@ -189,7 +189,7 @@ fn shipped_analyzers() -> anyhow::Result<Analyzers> {
     Ok(Analyzers::new(&settings.discovery.kubernetes.analyzers)?)
 }
 
-fn discovery() -> anyhow::Result<KubernetesDiscovery> {
+fn new_discovery() -> anyhow::Result<KubernetesDiscovery> {
     let facts = HostFacts::detect(None, None, "discovery-bench".to_owned())?;
     Ok(KubernetesDiscovery::new(
         shipped_analyzers()?,
@@ -254,18 +254,22 @@ fn scan(pods: usize, per_container: usize, iterations: usize) -> anyhow::Result<
         Ok(())
     };
 
+    // What a discovery keeps of the processes: its RSS, measured first, before scans freed
+    // memory the allocator would reuse.
+    let rss_before_kib = own_rss_kib()?;
+    let mut discovery = new_discovery()?;
+    check_found(&discovery.scan(&snapshot, None)?.added)?;
+    let rss_growth_kib = own_rss_kib()?.saturating_sub(rss_before_kib);
     // Cold: a new discovery each time, every process new to it.
     let mut cold = Vec::with_capacity(iterations);
     for _ in 0..iterations {
-        let mut discovery = discovery()?;
+        let mut discovery = new_discovery()?;
         let started = Instant::now();
         let changes = discovery.scan(&snapshot, None)?;
         cold.push(started.elapsed());
         check_found(&changes.added)?;
     }
-    // Warm: the same discovery again, nothing changed.
-    let mut discovery = discovery()?;
-    check_found(&discovery.scan(&snapshot, None)?.added)?;
+    // Warm: the first discovery again, nothing changed.
     let mut warm = Vec::with_capacity(iterations);
     for _ in 0..iterations {
         let started = Instant::now();
@@ -314,7 +318,7 @@ fn scan(pods: usize, per_container: usize, iterations: usize) -> anyhow::Result<
          iterations={iterations} cold_median_ms={cold_median:.2} cold_max_ms={cold_max:.2} \
          warm_median_ms={warm_median:.2} warm_max_ms={warm_max:.2} \
          event_median_ms={event_median:.3} event_max_ms={event_max:.3} \
-         event_cpu_mean_ms={:.3}",
+         event_cpu_mean_ms={:.3} library_rss_growth_kib={rss_growth_kib}",
         pids.len(),
         services.len(),
         ms(event_cpu) / iterations as f64,
@@ -452,6 +456,11 @@ fn fake_kube(kubeconfig: &Path, pods: usize) -> anyhow::Result<()> {
         std::io::stdout().flush()?;
     }
     Ok(())
+}
+
+/// This process's resident memory (`VmRSS`).
+fn own_rss_kib() -> anyhow::Result<u64> {
+    Ok(sample(std::process::id())?.rss_kib)
 }
 
 /// What `/proc/PID` says of the agent.

@@ -110,6 +110,11 @@ pub(super) fn run(
         number(&scan, "event_max_ms"),
         number(&scan, "event_cpu_mean_ms"),
     );
+    println!(
+        "{:<48} {:>8.1}MiB  (RSS of this process before the discovery and after its first scan)",
+        "memory a discovery keeps of them",
+        number(&scan, "library_rss_growth_kib") / 1024.0,
+    );
 
     let mib = |kib: f64| kib / 1024.0;
     let growth =
