@@ -565,6 +565,12 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     }
 }
 
+/// The `metadata.uid` the fake gives the pod `namespace/name` (the same for every creation), which
+/// names its cgroup on a node.
+pub fn pod_uid(namespace: &str, name: &str) -> String {
+    uid(Kind::Pods, namespace, name)
+}
+
 fn uid(kind: Kind, namespace: &str, name: &str) -> String {
     let hex = hex64(&format!("{}/{namespace}/{name}", kind.plural()));
     format!(

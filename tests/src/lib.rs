@@ -1,7 +1,7 @@
 //! Shared by the integration tests: BPF availability, serialization of tests that measure the
 //! machine, the workloads with known ground truth, the agent binary, folded-output parsing,
-//! a fake SkyWalking OAP ([`fake_oap`]) for end-to-end tests and the demo, and a fake Kubernetes
-//! API server ([`fake_kube`]).
+//! a fake SkyWalking OAP ([`fake_oap`]) for end-to-end tests and the demo, a fake Kubernetes API
+//! server ([`fake_kube`]) and real cgroups shaped like a Kubernetes node's ([`cgroups`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use rover_agent::bpf::{DEFAULT_MAP_MEMORY_BYTES, ProfilerSettings, check_privile
 use rover_agent::symbolize::{DEFAULT_SYMBOL_CACHE_BYTES, SymbolizerConfig};
 use rover_agent::task::{AgentConfig, ProfileWindow, WindowSink};
 
+pub mod cgroups;
 pub mod fake_kube;
 pub mod fake_oap;
 pub mod node_agent;

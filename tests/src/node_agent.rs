@@ -1,6 +1,7 @@
 //! `rover-agent run` as a child process for end-to-end tests against the fake OAP: a YAML
-//! configuration written into a temporary directory ([`NodeConfig`]), the agent's stderr captured
-//! in a file, and a guard ([`NodeAgent`]) that stops the agent with SIGTERM (then SIGKILL) when
+//! configuration written into a temporary directory ([`NodeConfig`], with host rules and,
+//! optionally, Kubernetes discovery: [`KubernetesConfig`]), the agent's stderr captured in a
+//! file, and a guard ([`NodeAgent`]) that stops the agent with SIGTERM (then SIGKILL) when
 //! dropped.
 
 use std::fmt::Write as _;
@@ -38,15 +39,75 @@ impl HostRule {
     }
 }
 
+/// `process_discovery.kubernetes`: the pods of one node, from the API server a kubeconfig
+/// names (passed to the agent as `KUBECONFIG`).
+#[derive(Clone, Debug)]
+pub struct KubernetesConfig {
+    pub node_name: String,
+    /// Empty for every namespace.
+    pub namespaces: Vec<String>,
+    /// The `analyzers` list as YAML, each line indented by six spaces (as in
+    /// `configs/rover.yaml`).
+    pub analyzers: String,
+    pub kubeconfig: PathBuf,
+}
+
+impl KubernetesConfig {
+    /// The pods of `node_name` in every namespace, named by the analyzers shipped in
+    /// `configs/rover.yaml` ([`shipped_analyzers`](Self::shipped_analyzers)).
+    pub fn new(node_name: &str, kubeconfig: &Path) -> Self {
+        Self {
+            node_name: node_name.to_owned(),
+            namespaces: Vec::new(),
+            analyzers: Self::shipped_analyzers(),
+            kubeconfig: kubeconfig.to_path_buf(),
+        }
+    }
+
+    /// The `process_discovery.kubernetes.analyzers` list of `configs/rover.yaml`, verbatim (its
+    /// `${ENV:default}` placeholders take their defaults in the agent), so that tests check the
+    /// analyzers users get.
+    pub fn shipped_analyzers() -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/rover.yaml");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()));
+        let mut lines = text.lines();
+        lines
+            .by_ref()
+            .find(|line| *line == "  kubernetes:")
+            .unwrap_or_else(|| panic!("no process_discovery.kubernetes in {}", path.display()));
+        lines
+            .by_ref()
+            .find(|line| *line == "    analyzers:")
+            .unwrap_or_else(|| panic!("no kubernetes.analyzers in {}", path.display()));
+        // The list runs until the next line indented less than its items (six spaces).
+        let mut analyzers = String::new();
+        for line in lines.take_while(|line| line.trim().is_empty() || line.starts_with("      ")) {
+            analyzers.push_str(line);
+            analyzers.push('\n');
+        }
+        assert!(
+            analyzers.contains("- active:"),
+            "no analyzers found in {}",
+            path.display()
+        );
+        analyzers
+    }
+}
+
 /// The settings the tests vary; everything else is the agent's default. Periods are short so
 /// that a test sees several heartbeats, polls and flushes within seconds.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     /// `core.backend.addr` as written in the file (may be a `${ENV:default}` placeholder).
     pub addr: String,
+    /// `core.cluster_name`.
+    pub cluster_name: Option<String>,
     /// Further lines under `core.backend`, e.g. `authentication: token` (no indentation).
     pub backend_extra: Vec<String>,
+    /// Host rules; without any, the scanner section is left out.
     pub rules: Vec<HostRule>,
+    pub kubernetes: Option<KubernetesConfig>,
     pub heartbeat_period: String,
     pub properties_report_period: u32,
     pub scan_period: String,
@@ -63,8 +124,10 @@ impl NodeConfig {
     pub fn new(fake: &FakeOap, rules: Vec<HostRule>) -> Self {
         Self {
             addr: fake.addr().to_string(),
+            cluster_name: None,
             backend_extra: Vec::new(),
             rules,
+            kubernetes: None,
             heartbeat_period: "1s".to_owned(),
             properties_report_period: 10,
             scan_period: "500ms".to_owned(),
@@ -82,16 +145,26 @@ impl NodeConfig {
         let mut yaml = String::new();
         let quoted = |s: &str| format!("'{}'", s.replace('\'', "''"));
         let _ = writeln!(yaml, "logger:\n  level: {}", self.log_level);
-        let _ = writeln!(yaml, "core:\n  backend:\n    addr: {}", self.addr);
+        let _ = writeln!(yaml, "core:");
+        if let Some(cluster_name) = &self.cluster_name {
+            let _ = writeln!(yaml, "  cluster_name: {}", quoted(cluster_name));
+        }
+        let _ = writeln!(yaml, "  backend:\n    addr: {}", self.addr);
         for line in &self.backend_extra {
             let _ = writeln!(yaml, "    {line}");
         }
         let _ = writeln!(
             yaml,
-            "process_discovery:\n  heartbeat_period: {}\n  properties_report_period: {}\n  \
-             scanner:\n    period: {}\n    regex:",
-            self.heartbeat_period, self.properties_report_period, self.scan_period
+            "process_discovery:\n  heartbeat_period: {}\n  properties_report_period: {}",
+            self.heartbeat_period, self.properties_report_period
         );
+        if !self.rules.is_empty() {
+            let _ = writeln!(
+                yaml,
+                "  scanner:\n    period: {}\n    regex:",
+                self.scan_period
+            );
+        }
         for rule in &self.rules {
             let _ = writeln!(
                 yaml,
@@ -103,6 +176,16 @@ impl NodeConfig {
                 quoted(&rule.instance_name),
                 quoted(&rule.process_name),
                 quoted(&rule.labels),
+            );
+        }
+        if let Some(kubernetes) = &self.kubernetes {
+            let _ = writeln!(
+                yaml,
+                "  kubernetes:\n    active: true\n    node_name: {}\n    namespaces: {}\n    \
+                 analyzers:\n{}",
+                quoted(&kubernetes.node_name),
+                quoted(&kubernetes.namespaces.join(",")),
+                kubernetes.analyzers.trim_end()
             );
         }
         let _ = writeln!(
@@ -121,6 +204,19 @@ impl NodeConfig {
         }
         yaml
     }
+
+    /// The environment the configuration needs: `KUBECONFIG` with Kubernetes discovery.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.kubernetes
+            .iter()
+            .map(|kubernetes| {
+                (
+                    "KUBECONFIG".to_owned(),
+                    kubernetes.kubeconfig.display().to_string(),
+                )
+            })
+            .collect()
+    }
 }
 
 /// A running `rover-agent run`; SIGTERM then SIGKILL when dropped.
@@ -133,19 +229,36 @@ pub struct NodeAgent {
 }
 
 impl NodeAgent {
-    /// Writes `config` to a file and starts `rover-agent run --config FILE` with `env` added.
+    /// Writes `config` to a file and starts `rover-agent run --config FILE` with the
+    /// configuration's environment ([`NodeConfig::env`]) and `env` added.
     pub fn start(config: &NodeConfig, env: &[(&str, &str)]) -> Self {
-        Self::start_yaml(&config.yaml(), env)
+        Self::start_with(crate::agent_binary(), config, env)
+    }
+
+    /// Like [`start`](Self::start) with the agent binary at `binary` (a benchmark's release
+    /// build).
+    pub fn start_with(binary: &Path, config: &NodeConfig, env: &[(&str, &str)]) -> Self {
+        let config_env = config.env();
+        let mut all: Vec<(&str, &str)> = config_env
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        all.extend_from_slice(env);
+        Self::start_binary_yaml(binary, &config.yaml(), &all)
     }
 
     /// Like [`start`](Self::start) with the configuration text as given.
     pub fn start_yaml(yaml: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_binary_yaml(crate::agent_binary(), yaml, env)
+    }
+
+    fn start_binary_yaml(binary: &Path, yaml: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("rover.yaml");
         std::fs::write(&config_path, yaml).expect("writing the agent's configuration");
         let stderr_path = dir.path().join("agent.stderr");
         let stderr = File::create(&stderr_path).expect("agent stderr file");
-        let mut command = crate::agent();
+        let mut command = std::process::Command::new(binary);
         command
             .arg("run")
             .arg("--config")
@@ -153,8 +266,12 @@ impl NodeAgent {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        // The configured level, colourless logs for substring checks.
-        command.env_remove("RUST_LOG").env("NO_COLOR", "1");
+        // The configured level, colourless logs for substring checks; no Kubernetes API server
+        // but the one a test names.
+        command
+            .env_remove("RUST_LOG")
+            .env_remove("KUBECONFIG")
+            .env("NO_COLOR", "1");
         for (name, value) in env {
             command.env(name, value);
         }
@@ -281,4 +398,45 @@ fn strip_ansi(text: &str) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rover_agent::config::Settings;
+
+    #[test]
+    fn a_kubernetes_configuration_is_what_the_agent_reads_with_the_shipped_analyzers() {
+        let fake = FakeOap::start().expect("fake OAP");
+        let mut config = NodeConfig::new(&fake, Vec::new());
+        config.cluster_name = Some("e2e-cluster".to_owned());
+        config.kubernetes = Some(KubernetesConfig {
+            namespaces: vec!["shop".to_owned(), "mesh".to_owned()],
+            ..KubernetesConfig::new("e2e-node", Path::new("/tmp/kubeconfig"))
+        });
+        let settings = Settings::parse(&config.yaml(), &|_| None)
+            .unwrap_or_else(|error| panic!("{error}\n{}", config.yaml()))
+            .settings;
+        assert_eq!(settings.cluster_name.as_deref(), Some("e2e-cluster"));
+        assert!(settings.discovery.scanner.is_none(), "no rules, no scanner");
+        let kubernetes = &settings.discovery.kubernetes;
+        assert!(kubernetes.active);
+        assert_eq!(kubernetes.node_name.as_deref(), Some("e2e-node"));
+        assert_eq!(kubernetes.namespaces, ["shop", "mesh"]);
+
+        // The same analyzers as the shipped file gives the agent.
+        let shipped_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/rover.yaml");
+        let shipped = std::fs::read_to_string(shipped_path).expect("configs/rover.yaml");
+        let shipped = Settings::parse(&shipped, &|_| None).expect("shipped configuration");
+        let shipped = &shipped.settings.discovery.kubernetes.analyzers;
+        assert_eq!(shipped.len(), 4);
+        assert_eq!(&kubernetes.analyzers, shipped);
+        let layers: Vec<&str> = shipped.iter().map(|a| a.layer.as_str()).collect();
+        assert_eq!(layers, ["MESH_DP", "MESH", "K8S_SERVICE", "K8S_SERVICE"]);
+
+        assert_eq!(
+            config.env(),
+            [("KUBECONFIG".to_owned(), "/tmp/kubeconfig".to_owned())]
+        );
+    }
 }

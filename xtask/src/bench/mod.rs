@@ -1,6 +1,7 @@
 //! `cargo xtask bench ...`: overhead figures measured side by side with reference tools in one
 //! run, printed as ratios. Benchmarks print; they never pass or fail on a threshold.
 
+mod discovery;
 mod idle;
 mod offcpu;
 mod oncpu;
@@ -55,6 +56,24 @@ pub(crate) enum Bench {
         #[arg(long, default_value_t = 500)]
         processes: usize,
     },
+    /// Kubernetes discovery with live processes in pods' cgroups and the fake API server: a full
+    /// scan through the library, `rover-agent run`'s CPU per pod event and its RSS growth.
+    Discovery {
+        #[arg(long, default_value_t = 200)]
+        pods: usize,
+        /// Processes in each pod's one container.
+        #[arg(long, default_value_t = 10)]
+        per_container: usize,
+        /// Scans of each kind measured.
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        /// Pod events 400 ms apart (each scanned on its own).
+        #[arg(long, default_value_t = 100)]
+        isolated_events: usize,
+        /// Pod events 10 ms apart.
+        #[arg(long, default_value_t = 1000)]
+        burst_events: usize,
+    },
 }
 
 pub(crate) fn run(bench: Bench) -> anyhow::Result<()> {
@@ -72,6 +91,19 @@ pub(crate) fn run(bench: Bench) -> anyhow::Result<()> {
             iterations,
             processes,
         } => upload::run(seconds, iterations, processes),
+        Bench::Discovery {
+            pods,
+            per_container,
+            iterations,
+            isolated_events,
+            burst_events,
+        } => discovery::run(
+            pods,
+            per_container,
+            iterations,
+            isolated_events,
+            burst_events,
+        ),
     }
 }
 
