@@ -38,7 +38,7 @@ pub(super) fn hash_map_bytes(entries: u32, key: usize, value: usize, cpus: u32) 
     let element =
         ELEMENT_HEADER + (key as u64).next_multiple_of(8) + (value as u64).next_multiple_of(8);
     (u64::from(entries) + u64::from(cpus)) * element
-        + u64::from(entries.next_power_of_two()) * BUCKET
+        + u64::from(entries).next_power_of_two() * BUCKET
 }
 
 /// Per-profiler maps that do not depend on the aggregate count: targets and per-CPU buffers.

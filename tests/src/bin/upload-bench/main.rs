@@ -489,10 +489,13 @@ fn oap() -> anyhow::Result<()> {
     let sink = RawProfilingSink::default();
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;
-    // The OAP's gRPC server (grpc-java on Netty) gives each stream a 1 MiB flow-control window.
+    // The OAP's gRPC server (grpc-java on Netty) starts each stream with a 1 MiB flow-control
+    // window and grows it with the bandwidth-delay product it measures (its auto flow control,
+    // on by default): hyper's adaptive window does the same.
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(1 << 20)
+        .http2_adaptive_window(Some(true))
         .add_service(sink.clone())
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     runtime.spawn(server);
