@@ -14,6 +14,7 @@ use rover_agent::symbolize::{DEFAULT_SYMBOL_CACHE_BYTES, SymbolizerConfig};
 use rover_agent::task::{AgentConfig, ProfileWindow, WindowSink};
 
 pub mod cgroups;
+pub mod cpu_time;
 pub mod fake_kube;
 pub mod fake_oap;
 pub mod node_agent;

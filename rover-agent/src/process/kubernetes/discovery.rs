@@ -82,7 +82,6 @@ struct NamingKey {
 
 /// A process of a watched pod, before its name is made unique within its instance.
 struct PodProcess<'a> {
-    pid: u32,
     pod: &'a Pod,
     container: &'a str,
 }
@@ -180,14 +179,7 @@ impl KubernetesDiscovery {
                     start_time: known.start_time,
                     names,
                 });
-                placements.insert(
-                    pid,
-                    PodProcess {
-                        pid,
-                        pod,
-                        container,
-                    },
-                );
+                placements.insert(pid, PodProcess { pod, container });
             }
         }
         make_process_names_unique(&mut named);
@@ -203,7 +195,7 @@ impl KubernetesDiscovery {
             };
             let pod = placement.pod;
             let entity = ProcessEntity::kubernetes(
-                placement.pid,
+                process.pid,
                 process.names,
                 self.facts.cluster_name.as_deref(),
                 self.facts.host_ip,

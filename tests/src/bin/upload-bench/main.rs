@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
+use integration_tests::cpu_time::{own_cpu, process_cpu};
 use integration_tests::fake_oap::{FakeOap, Recorded, process_id};
 use prost::Message as _;
 use prost::bytes::Bytes;
@@ -566,38 +567,6 @@ fn check_received(
         processes.len()
     );
     Ok(stream.messages.iter().map(Bytes::len).sum())
-}
-
-/// User + system CPU of this process so far, every thread included.
-fn own_cpu() -> Duration {
-    // SAFETY: rusage is plain integers (all-zero is valid); getrusage writes into it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let time = |value: libc::timeval| {
-        Duration::from_secs(value.tv_sec as u64) + Duration::from_micros(value.tv_usec as u64)
-    };
-    time(usage.ru_utime) + time(usage.ru_stime)
-}
-
-/// User + system CPU of process `pid` so far, from `/proc/PID/stat` (clock ticks).
-fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |index: usize| -> u64 {
-        fields
-            .get(index - 3)
-            .and_then(|field| field.parse().ok())
-            .unwrap_or(0)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Duration::from_millis(
-        (ticks(14) + ticks(15)) * 1000 / per_second,
-    ))
 }
 
 fn median(sorted: &[Duration]) -> Duration {
