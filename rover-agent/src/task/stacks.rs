@@ -102,6 +102,11 @@ pub(super) fn fold(
     values: Values,
     raw: &RawStack,
 ) -> bool {
+    // The first stack of a process no event announced (an exec the agent had not seen yet, a
+    // kernel thread) snapshots it before its name is looked up, not after the user frames.
+    if !processes.knows(raw.tgid) {
+        processes.capture_if_unknown(raw.tgid);
+    }
     let label = ProcessLabel {
         pid: raw.tgid,
         name: processes
@@ -179,6 +184,35 @@ mod tests {
         let profile = Values::OffCpu { p }.profile(SystemTime::now());
         assert_eq!(profile.estimate(0, recorded[0], 1), 100);
         assert_eq!(profile.estimate(1, recorded[1], 1), 100_500);
+    }
+
+    #[test]
+    fn the_first_stack_of_an_unannounced_process_carries_its_name() {
+        let processes = ProcessTable::new(std::time::Duration::from_secs(10));
+        let mut symbolizer = Symbolizer::new(
+            crate::symbolize::SymbolizerConfig {
+                debug_info: false,
+                symbol_cache_bytes: 1 << 20,
+            },
+            processes.clone(),
+        );
+        let values = Values::OnCpu { period_ns: 1 };
+        let mut profile = values.profile(SystemTime::now());
+        let pid = std::process::id();
+        let here = Values::profile as *const () as u64;
+        let raw = RawStack {
+            tgid: pid,
+            preempted: false,
+            user_truncated: false,
+            kernel_truncated: false,
+            user: RawFrames::Captured(vec![here]),
+            kernel: RawFrames::Absent,
+            value: StackValue::Samples(1),
+        };
+        fold(&mut symbolizer, &processes, &mut profile, values, &raw);
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("own comm");
+        let label = &profile.samples()[0].process;
+        assert_eq!(label.name, comm.trim_end());
     }
 
     #[test]
