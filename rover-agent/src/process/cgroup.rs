@@ -414,6 +414,13 @@ impl CgroupReader {
         self.unrecognized_lines
     }
 
+    /// Adds the lines `other` ignored (a reader of another thread) to this reader's count.
+    pub fn count_unrecognized_of(&mut self, other: &Self) {
+        self.unrecognized_lines = self
+            .unrecognized_lines
+            .saturating_add(other.unrecognized_lines);
+    }
+
     fn cgroup_file(&self, pid: u32) -> PathBuf {
         let mut path = self.proc_root.join(pid.to_string());
         path.push("cgroup");

@@ -11,7 +11,7 @@ use crate::config::{HostRuleSettings, ScannerSettings};
 
 use super::entity::{EntityNames, ProcessEntity};
 use super::host_ip::{self, HostIpError, InterfaceIps};
-use super::proc_files::{Stat, can_open_exe, exe_name, read_argv, read_stat};
+use super::proc_files::{CommandLine, Stat, can_open_exe, exe_name, read_command_line, read_stat};
 use super::rule_template::{
     self, FINDER_METHODS, FinderValues, ProcessValues, ROVER_METHODS, RoverValues, RuleTemplate,
     TemplateError,
@@ -118,8 +118,7 @@ impl KnownProcess {
 
 struct MatchedProcess {
     rule: usize,
-    argv: Vec<String>,
-    command_line: String,
+    command_line: CommandLine,
     groups: Vec<String>,
     profilable: bool,
     /// The entity last added for it; `None` while its names fail to render.
@@ -308,13 +307,15 @@ impl HostRuleScanner {
     /// Reads a process seen for the first time: its command line and the first rule matching
     /// it. `None` when it vanished, or has no command line yet (it is read again next scan).
     fn discover(&self, proc_dir: &Path, stat: Stat) -> Option<KnownProcess> {
-        let argv = read_argv(proc_dir)?;
-        let command_line = argv.join(" ");
+        let command_line = read_command_line(proc_dir)?;
         if command_line.is_empty() {
             return None;
         }
         let matched = self.rules.iter().enumerate().find_map(|(rule, compiled)| {
-            let captures = compiled.settings.match_cmd.captures(&command_line)?;
+            let captures = compiled
+                .settings
+                .match_cmd
+                .captures(command_line.as_str())?;
             let groups = captures
                 .iter()
                 .map(|group| group.map_or_else(String::new, |group| group.as_str().to_owned()))
@@ -325,7 +326,6 @@ impl HostRuleScanner {
                 // The agent reads the binary through /proc/PID/exe to symbolize it; a process
                 // it may not open (another user's, without privileges) cannot be profiled.
                 profilable: can_open_exe(proc_dir),
-                argv: argv.clone(),
                 command_line: command_line.clone(),
                 reported: None,
             })
@@ -352,9 +352,9 @@ fn render(
     let context = rule_template::context(
         &ProcessValues {
             pid,
-            exe_name: &exe_name(comm, &matched.argv),
-            argv: &matched.argv,
-            command_line: &matched.command_line,
+            exe_name: &exe_name(comm, matched.command_line.argv0()),
+            argv0: matched.command_line.argv0(),
+            command_line: matched.command_line.as_str(),
             proc_dir,
         },
         &RoverValues {
@@ -385,7 +385,7 @@ fn render(
                 {
                     tracing::warn!(
                         pid,
-                        command_line = %matched.command_line,
+                        command_line = matched.command_line.as_str(),
                         "cannot render {field} of host rule {}, processes it matches are not reported \
                          (warned once per rule): {error}",
                         rule.settings.match_cmd
@@ -407,7 +407,7 @@ fn render(
         names,
         facts.cluster_name.as_deref(),
         facts.host_ip,
-        &matched.command_line,
+        matched.command_line.as_str(),
         matched.profilable,
     ))
 }

@@ -44,18 +44,57 @@ pub(crate) fn read_stat(proc_dir: &Path) -> Option<Stat> {
     })
 }
 
-/// The command line's arguments; `None` when the process vanished. One empty argument for a
-/// process without a command line (no user space, or not exec'd yet).
-pub(crate) fn read_argv(proc_dir: &Path) -> Option<Vec<String>> {
+/// A process's command line: its arguments joined by spaces (what Rover calls the command
+/// line), kept as one string with the length of the first argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CommandLine {
+    text: String,
+    argv0_len: usize,
+}
+
+impl CommandLine {
+    #[cfg(test)]
+    pub(crate) fn from_args(args: &[&str]) -> Self {
+        Self {
+            text: args.join(" "),
+            argv0_len: args.first().map_or(0, |arg| arg.len()),
+        }
+    }
+
+    /// The arguments joined by spaces.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The first argument (argv[0]).
+    pub(crate) fn argv0(&self) -> &str {
+        &self.text[..self.argv0_len]
+    }
+
+    /// No arguments: no user space, or not exec'd yet.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+}
+
+/// `/proc/PID/cmdline`; `None` when the process vanished.
+pub(crate) fn read_command_line(proc_dir: &Path) -> Option<CommandLine> {
     let cmdline = fs::read(proc_dir.join("cmdline")).ok()?;
-    Some(
-        cmdline
-            .strip_suffix(b"\0")
-            .unwrap_or(&cmdline)
-            .split(|byte| *byte == 0)
-            .map(|arg| String::from_utf8_lossy(arg).into_owned())
-            .collect(),
-    )
+    let mut text = String::with_capacity(cmdline.len());
+    let mut argv0_len = None;
+    for arg in cmdline
+        .strip_suffix(b"\0")
+        .unwrap_or(&cmdline)
+        .split(|byte| *byte == 0)
+    {
+        if argv0_len.is_some() {
+            text.push(' ');
+        }
+        text.push_str(&String::from_utf8_lossy(arg));
+        argv0_len.get_or_insert(text.len());
+    }
+    let argv0_len = argv0_len.unwrap_or(0);
+    Some(CommandLine { text, argv0_len })
 }
 
 /// Whether the agent may open the process's executable (through `/proc/PID/exe`), which it
@@ -66,11 +105,11 @@ pub(crate) fn can_open_exe(proc_dir: &Path) -> bool {
 
 /// The executable's name: `comm`, which the kernel cuts at 15 bytes, completed from argv[0]'s
 /// file name when that starts with it (as gopsutil's `Name`, which Rover's `ExeName` is).
-pub(crate) fn exe_name(comm: &str, argv: &[String]) -> String {
+pub(crate) fn exe_name(comm: &str, argv0: &str) -> String {
     const COMM_MAX: usize = 15;
-    let argv0_name = argv
-        .first()
-        .and_then(|arg| arg.split(' ').next())
+    let argv0_name = argv0
+        .split(' ')
+        .next()
         .and_then(|path| path.rsplit('/').next());
     match argv0_name {
         Some(name) if comm.len() >= COMM_MAX && name.starts_with(comm) => name.to_owned(),

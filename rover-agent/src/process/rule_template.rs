@@ -162,8 +162,9 @@ pub struct ProcessValues<'a> {
     pub pid: u32,
     /// The executable's name (gopsutil's `Name`, as Rover's `ExeName`).
     pub exe_name: &'a str,
-    pub argv: &'a [String],
-    /// argv joined by spaces.
+    /// The first argument (`ExeNameInCommandLine`).
+    pub argv0: &'a str,
+    /// The arguments joined by spaces.
     pub command_line: &'a str,
     /// `/proc/PID`, read when a template asks for `ExeFilePath` or `WorkDir`.
     pub proc_dir: &'a Path,
@@ -209,10 +210,7 @@ pub(crate) fn process_object(process: &ProcessValues<'_>) -> Value {
         ("Pid", Value::from(process.pid)),
         ("ExeName", Value::from(process.exe_name)),
         ("CommandLine", Value::from(process.command_line)),
-        (
-            "ExeNameInCommandLine",
-            process.argv.first().map_or(Value::Nil, Value::from),
-        ),
+        ("ExeNameInCommandLine", Value::from(process.argv0)),
         ("ExeFilePath", Value::from(process_exe_file_path as Func)),
         ("WorkDir", Value::from(process_work_dir as Func)),
         (PROC_DIR, Value::from(process.proc_dir.to_string_lossy())),

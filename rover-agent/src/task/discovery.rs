@@ -17,7 +17,8 @@ use crate::process::{HostRuleScanner, ScanChanges};
 
 /// How often processes are scanned when no host rules give a period.
 pub const DEFAULT_SCAN_PERIOD: Duration = Duration::from_secs(3);
-/// A change of the pods is scanned for this long after it (and the changes meanwhile with it).
+/// The pods' processes are looked at this long after a change of the pods (with the changes
+/// meanwhile).
 const POD_CHANGE_DELAY: Duration = Duration::from_millis(300);
 /// Retries after a failed heartbeat start here and double up to the heartbeat period.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -41,6 +42,9 @@ pub struct ProcessSources {
     host_rules: Option<HostRuleScanner>,
     kubernetes: Option<(KubernetesDiscovery, PodWatch)>,
     changes: Option<ProcessChanges>,
+    /// The kernel's marks taken by pod passes since the last scan, for the scan to read too
+    /// (the host rules have not seen them); `None` when one pass could not tell.
+    marked_since_scan: Option<HashSet<u32>>,
 }
 
 impl ProcessSources {
@@ -81,6 +85,7 @@ impl ProcessSources {
             host_rules: sources.host_rules,
             kubernetes,
             changes,
+            marked_since_scan: Some(HashSet::new()),
         })
     }
 
@@ -95,7 +100,14 @@ impl ProcessSources {
 
     /// One scan of every source. Blocking.
     fn scan(&mut self) -> ScanChanges {
-        let changed = self.changed();
+        let marked_before = self.marked_since_scan.replace(HashSet::new());
+        let changed = self
+            .changed()
+            .zip(marked_before)
+            .map(|(mut changed, before)| {
+                changed.extend(before);
+                changed
+            });
         let mut all = ScanChanges::default();
         if let Some(scanner) = &mut self.host_rules {
             match scanner.scan(changed.as_ref()) {
@@ -110,6 +122,25 @@ impl ProcessSources {
             }
         }
         all
+    }
+
+    /// After the pods or Services changed: the changes of the pods' processes, without a pass
+    /// over `/proc`. Blocking.
+    /// The processes the kernel marked meanwhile are read first (a new pod's processes exec'd
+    /// just before its containers' ids came): the marks are kept for the next scan.
+    fn pods_changed(&mut self) -> ScanChanges {
+        let changed = self.changed();
+        let Some((discovery, watch)) = &mut self.kubernetes else {
+            return ScanChanges::default();
+        };
+        if let Some(changed) = &changed {
+            discovery.read_marked(changed);
+        }
+        match (&mut self.marked_since_scan, changed) {
+            (Some(marked), Some(changed)) => marked.extend(changed),
+            (marked, _) => *marked = None,
+        }
+        discovery.pods_changed(&watch.snapshot())
     }
 
     /// The processes the kernel marked since the last scan; `None` when it cannot tell.
@@ -137,8 +168,57 @@ fn merge(all: &mut ScanChanges, changes: ScanChanges) {
     all.added.extend(changes.added);
 }
 
-/// Scans processes every `scan_period` (and soon after the pods change) and heartbeats every
-/// `heartbeat`; a failed heartbeat is retried sooner, with backoff.
+/// What the discovery loop asks of the sources.
+#[derive(Clone, Copy)]
+enum Pass {
+    /// Every source, reading `/proc`.
+    Scan,
+    /// The pods' processes only, after the pods changed.
+    PodsChanged,
+}
+
+/// Runs `pass` on the sources off the async threads and hands the changes to the reporter;
+/// `None` when the pass panicked (discovery is off then).
+async fn run_pass(
+    sources: ProcessSources,
+    pass: Pass,
+    reporter: &mut ProcessReporter,
+) -> Option<ProcessSources> {
+    let done = tokio::task::spawn_blocking(move || {
+        let mut sources = sources;
+        let changes = match pass {
+            Pass::Scan => sources.scan(),
+            Pass::PodsChanged => sources.pods_changed(),
+        };
+        (sources, changes)
+    })
+    .await;
+    let (sources, changes) = match done {
+        Ok(done) => done,
+        Err(error) => {
+            warn!("the process scan panicked: {error}; discovery is off");
+            return None;
+        }
+    };
+    if !changes.added.is_empty() || !changes.removed.is_empty() {
+        debug!(
+            added = changes.added.len(),
+            removed = changes.removed.len(),
+            "processes changed"
+        );
+    }
+    // A pid in both lists was replaced (reused, exec, renamed).
+    for pid in changes.removed {
+        reporter.removed(pid);
+    }
+    for entity in changes.added {
+        reporter.added(entity);
+    }
+    Some(sources)
+}
+
+/// Scans processes every `scan_period` (and the pods' processes soon after the pods change) and
+/// heartbeats every `heartbeat`; a failed heartbeat is retried sooner, with backoff.
 pub async fn discover_and_report(
     mut reporter: ProcessReporter,
     sources: ProcessSources,
@@ -149,41 +229,29 @@ pub async fn discover_and_report(
     let mut pod_changes = sources.pod_changes();
     let mut sources = (!sources.is_empty()).then_some(sources);
     let mut next_scan = tokio::time::Instant::now();
+    let mut pods_changed: Option<tokio::time::Instant> = None;
     let mut next_heartbeat = tokio::time::Instant::now();
     let mut backoff = Backoff::new(FIRST_RETRY, heartbeat);
     let mut failing = false;
     loop {
-        // The time first: taking the sources when no scan is due would drop them.
-        if tokio::time::Instant::now() >= next_scan
+        // The time first: taking the sources when no pass is due would drop them.
+        let now = tokio::time::Instant::now();
+        let pass = if now >= next_scan {
+            Some(Pass::Scan)
+        } else if pods_changed.is_some_and(|due| now >= due) {
+            Some(Pass::PodsChanged)
+        } else {
+            None
+        };
+        if let Some(pass) = pass
             && let Some(owned) = sources.take()
         {
-            match tokio::task::spawn_blocking(move || {
-                let mut owned = owned;
-                let changes = owned.scan();
-                (owned, changes)
-            })
-            .await
-            {
-                Ok((owned, changes)) => {
-                    sources = Some(owned);
-                    if !changes.added.is_empty() || !changes.removed.is_empty() {
-                        debug!(
-                            added = changes.added.len(),
-                            removed = changes.removed.len(),
-                            "processes changed"
-                        );
-                    }
-                    // A pid in both lists was replaced (reused, exec, renamed).
-                    for pid in changes.removed {
-                        reporter.removed(pid);
-                    }
-                    for entity in changes.added {
-                        reporter.added(entity);
-                    }
-                }
-                Err(error) => warn!("the process scan panicked: {error}; discovery is off"),
+            sources = run_pass(owned, pass, &mut reporter).await;
+            // A scan covers the pods' changes too.
+            pods_changed = None;
+            if matches!(pass, Pass::Scan) {
+                next_scan = tokio::time::Instant::now() + scan_period;
             }
-            next_scan = tokio::time::Instant::now() + scan_period;
         }
         if tokio::time::Instant::now() >= next_heartbeat {
             match reporter.heartbeat().await {
@@ -205,7 +273,9 @@ pub async fn discover_and_report(
             }
         }
         let wake = if sources.is_some() {
-            next_scan.min(next_heartbeat)
+            pods_changed
+                .map_or(next_scan, |due| due.min(next_scan))
+                .min(next_heartbeat)
         } else {
             next_heartbeat
         };
@@ -218,10 +288,10 @@ pub async fn discover_and_report(
                 }
             } => {
                 match changed {
-                    // Scan soon (a burst of pod events makes one scan): new pods' processes
-                    // are reported at the next heartbeat.
+                    // Soon (a burst of pod events makes one pass): new pods' processes are
+                    // reported at the next heartbeat.
                     Ok(()) => {
-                        next_scan = next_scan.min(tokio::time::Instant::now() + POD_CHANGE_DELAY);
+                        pods_changed.get_or_insert(tokio::time::Instant::now() + POD_CHANGE_DELAY);
                     }
                     Err(_) => pod_changes = None,
                 }

@@ -11,9 +11,10 @@
 //! - `discovery-bench scan [--pods 200] [--per-container 10] [--iterations 20]`: the library's
 //!   `KubernetesDiscovery::scan` with every process read (`changed: None`): a cold scan (a new
 //!   discovery: every process new, its cgroup and command line read, names rendered), a warm one
-//!   (nothing changed since the previous scan), and the scan after one pod changed, as the agent
-//!   runs it when the kernel marks exec/exit (`changed: Some(empty)`). Checks that every process
-//!   is found. Prints `scan ...` with medians and maxima.
+//!   (nothing changed since the previous scan: every process's `stat` read), the periodic scan
+//!   when the kernel marks exec/exit and none happened (`changed: Some(empty)`), and the pass
+//!   after one pod changed (`pods_changed`, as the agent runs it on a watch event). Checks that
+//!   every process is found. Prints `scan ...` with medians and maxima.
 //! - `discovery-bench agent --agent PATH [...]`: `rover-agent run` with Kubernetes discovery,
 //!   the fake OAP here and the fake API server in a child process (`discovery-bench fake-kube`),
 //!   so that serving the events costs the agent's side nothing. RSS once the agent is up with
@@ -283,8 +284,22 @@ fn scan(pods: usize, per_container: usize, iterations: usize) -> anyhow::Result<
             changes.removed.len()
         );
     }
-    // One pod changed, the kernel marked no process: its processes' names are rendered again.
+    // The periodic scan when the kernel marks execs and exits and none happened.
     let no_process_changed = HashSet::new();
+    let mut marked = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let started = Instant::now();
+        let changes = discovery.scan(&snapshot, Some(&no_process_changed))?;
+        marked.push(started.elapsed());
+        ensure!(
+            changes.added.is_empty() && changes.removed.is_empty(),
+            "a scan without changes changed {} / {}",
+            changes.added.len(),
+            changes.removed.len()
+        );
+    }
+    // One pod changed, as the agent handles a watch event: that pod's processes' names are
+    // rendered again, no process is read.
     let mut event = Vec::with_capacity(iterations);
     let mut event_cpu = Duration::ZERO;
     let mut current = snapshot;
@@ -293,7 +308,7 @@ fn scan(pods: usize, per_container: usize, iterations: usize) -> anyhow::Result<
         current = snapshot_of(&current, &modified(&pod_objects[index], generation));
         let cpu_before = own_cpu();
         let started = Instant::now();
-        let changes = discovery.scan(&current, Some(&no_process_changed))?;
+        let changes = discovery.pods_changed(&current);
         event.push(started.elapsed());
         event_cpu += own_cpu().saturating_sub(cpu_before);
         ensure!(
@@ -313,11 +328,13 @@ fn scan(pods: usize, per_container: usize, iterations: usize) -> anyhow::Result<
     };
     let (cold_median, cold_max) = stats(cold);
     let (warm_median, warm_max) = stats(warm);
+    let (marked_median, marked_max) = stats(marked);
     let (event_median, event_max) = stats(event);
     println!(
         "scan processes={} pods={pods} services={} processes_on_host={processes_on_host} \
          iterations={iterations} cold_median_ms={cold_median:.2} cold_max_ms={cold_max:.2} \
          warm_median_ms={warm_median:.2} warm_max_ms={warm_max:.2} \
+         marked_median_ms={marked_median:.3} marked_max_ms={marked_max:.3} \
          event_median_ms={event_median:.3} event_max_ms={event_max:.3} \
          event_cpu_mean_ms={:.3} library_rss_growth_kib={rss_growth_kib}",
         pids.len(),

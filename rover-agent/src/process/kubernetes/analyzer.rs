@@ -21,7 +21,7 @@ use crate::config::KubernetesAnalyzerSettings;
 use crate::process::entity::EntityNames;
 use crate::process::rule_template::{
     MethodsWithArguments, ProcessValues, ROVER_METHODS, RenderError, RoverValues, RuleTemplate,
-    object, process_object, rover_object,
+    process_object, rover_object,
 };
 
 /// Why the analyzers could not be built: a config error, naming its key.
@@ -73,6 +73,8 @@ pub struct Analyzers {
     analyzers: Vec<Analyzer>,
     uses_interfaces: bool,
     pod_needs: PodNeeds,
+    /// How many templates all analyzers have.
+    templates: usize,
 }
 
 struct Analyzer {
@@ -90,6 +92,96 @@ struct KeyedTemplate {
     key: String,
     source: String,
     template: RuleTemplate,
+    /// Its place in a [`ContainerRenders`].
+    id: usize,
+    roots: Roots,
+}
+
+/// The parts of the context a template may read, from its source: a template that reads no
+/// `.Process` renders the same for every process of a container, and one that reads only
+/// `.Process` needs no pod object built. Over-approximated (a word in a string literal counts);
+/// a template using variables or `.` itself may read anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Roots {
+    pod: bool,
+    container: bool,
+    process: bool,
+    rover: bool,
+}
+
+impl Roots {
+    const ALL: Self = Self {
+        pod: true,
+        container: true,
+        process: true,
+        rover: true,
+    };
+
+    /// The roots of a template (`{{...}}` actions in text), or with `expression` of a filter
+    /// (one action without braces).
+    fn of(source: &str, expression: bool) -> Self {
+        let actions: Vec<&str> = if expression {
+            vec![source]
+        } else {
+            source
+                .split("{{")
+                .skip(1)
+                .map(|action| action.split("}}").next().unwrap_or(action))
+                .collect()
+        };
+        let reads_anything = actions
+            .iter()
+            .any(|action| action.contains('$') || has_bare_dot(action));
+        if reads_anything {
+            return Self::ALL;
+        }
+        let reads = |root: &str| actions.iter().any(|action| action.contains(root));
+        Self {
+            pod: reads("Pod"),
+            container: reads("Container"),
+            process: reads("Process"),
+            rover: reads("Rover"),
+        }
+    }
+
+    /// A distinct index per combination, for [`Contexts`].
+    fn index(self) -> usize {
+        usize::from(self.pod)
+            | usize::from(self.container) << 1
+            | usize::from(self.process) << 2
+            | usize::from(self.rover) << 3
+    }
+}
+
+/// Whether `action` uses `.` itself (`{{.}}`, `{{ . }}`), not a field of it (`.Pod`) or a number
+/// (`1.5`).
+fn has_bare_dot(action: &str) -> bool {
+    let bytes = action.as_bytes();
+    bytes.iter().enumerate().any(|(index, &byte)| {
+        let next = bytes.get(index + 1).copied().unwrap_or(b' ');
+        let previous = index.checked_sub(1).map_or(b' ', |before| bytes[before]);
+        byte == b'.' && !(next.is_ascii_alphabetic() || next == b'_') && !previous.is_ascii_digit()
+    })
+}
+
+/// What the templates that read no `.Process` gave for one container of one pod version, so
+/// that its other processes do not render them again. Made by [`Analyzers::container_renders`];
+/// only valid for processes of that container while its pod and Service stay the same.
+pub struct ContainerRenders(Vec<Option<String>>);
+
+/// The contexts of one process, each with only the parts some template reads, built when first
+/// asked for.
+struct Contexts<'a, 'b> {
+    input: &'a AnalyzerInput<'b>,
+    needs: PodNeeds,
+    built: [Option<Context>; 16],
+}
+
+impl Contexts<'_, '_> {
+    fn get(&mut self, roots: Roots) -> &Context {
+        let (input, needs) = (self.input, self.needs);
+        self.built[roots.index()].get_or_insert_with(|| context(input, needs, roots))
+    }
 }
 
 impl KeyedTemplate {
@@ -102,35 +194,56 @@ impl KeyedTemplate {
 
     fn name(key: String, source: &str) -> Result<Self, Error> {
         let template = RuleTemplate::parse_setting(key.clone(), source, &Self::METHODS)?;
-        Ok(Self::new(key, source, template))
+        Ok(Self::new(key, source, template, Roots::of(source, false)))
     }
 
     fn filter(key: String, source: &str) -> Result<Self, Error> {
         let template = RuleTemplate::parse_expression_setting(key.clone(), source, &Self::METHODS)?;
-        Ok(Self::new(key, source, template))
+        Ok(Self::new(key, source, template, Roots::of(source, true)))
     }
 
-    fn new(key: String, source: &str, template: RuleTemplate) -> Self {
+    fn new(key: String, source: &str, template: RuleTemplate, roots: Roots) -> Self {
         Self {
             key,
             source: source.to_owned(),
             template,
+            id: 0,
+            roots,
         }
     }
 
-    fn render(&self, context: &Context) -> Result<String, AnalyzeError> {
-        self.template
-            .render(context)
+    /// The output for one process; taken from `renders` when the template reads no `.Process`
+    /// and another process of the container rendered it.
+    fn render(
+        &self,
+        contexts: &mut Contexts<'_, '_>,
+        renders: &mut ContainerRenders,
+    ) -> Result<String, AnalyzeError> {
+        let shared = !self.roots.process;
+        if shared && let Some(Some(output)) = renders.0.get(self.id) {
+            return Ok(output.clone());
+        }
+        let output = self
+            .template
+            .render(contexts.get(self.roots))
             .map_err(|source| AnalyzeError::Render {
                 key: self.key.clone(),
                 template: self.source.clone(),
                 source,
-            })
+            })?;
+        if shared && let Some(slot) = renders.0.get_mut(self.id) {
+            *slot = Some(output.clone());
+        }
+        Ok(output)
     }
 
     /// A filter's truth: its output parsed as Go's `strconv.ParseBool` does.
-    fn holds(&self, context: &Context) -> Result<bool, AnalyzeError> {
-        let output = self.render(context)?;
+    fn holds(
+        &self,
+        contexts: &mut Contexts<'_, '_>,
+        renders: &mut ContainerRenders,
+    ) -> Result<bool, AnalyzeError> {
+        let output = self.render(contexts, renders)?;
         match output.as_str() {
             "1" | "t" | "T" | "true" | "True" | "TRUE" => Ok(true),
             "0" | "f" | "F" | "false" | "False" | "FALSE" => Ok(false),
@@ -147,11 +260,24 @@ impl Analyzers {
     /// Parses every analyzer's templates; an empty or unparsable one is an error naming its key
     /// (`process_discovery.kubernetes.analyzers[N].<field>`).
     pub fn new(settings: &[KubernetesAnalyzerSettings]) -> Result<Self, Error> {
-        let analyzers = settings
+        let mut analyzers = settings
             .iter()
             .enumerate()
             .map(|(index, settings)| Analyzer::new(index, settings))
             .collect::<Result<Vec<_>, Error>>()?;
+        for (id, template) in analyzers
+            .iter_mut()
+            .flat_map(|analyzer| {
+                analyzer.filters.iter_mut().chain([
+                    &mut analyzer.service_name,
+                    &mut analyzer.instance_name,
+                    &mut analyzer.process_name,
+                ])
+            })
+            .enumerate()
+        {
+            template.id = id;
+        }
         let templates = || {
             analyzers.iter().flat_map(|analyzer| {
                 analyzer.filters.iter().chain([
@@ -165,11 +291,18 @@ impl Analyzers {
         let pod_needs = PodNeeds::of_methods(
             templates().flat_map(|template| template.template.methods_used.iter().copied()),
         );
+        let templates = templates().count();
         Ok(Self {
             analyzers,
             uses_interfaces,
             pod_needs,
+            templates,
         })
+    }
+
+    /// An empty [`ContainerRenders`], for the processes of one container.
+    pub fn container_renders(&self) -> ContainerRenders {
+        ContainerRenders(vec![None; self.templates])
     }
 
     /// Whether a template asks for interface addresses (`.Rover.HostIPV4`/`HostIPV6`): without,
@@ -180,16 +313,21 @@ impl Analyzers {
 
     /// The names the first active analyzer whose filters all hold gives the process; `None` when
     /// no analyzer holds. A template that fails (a filter included, as in Rover) leaves the
-    /// process unnamed: it is not handed to a later analyzer.
-    pub fn analyze(&self, input: &AnalyzerInput<'_>) -> Result<Option<EntityNames>, AnalyzeError> {
-        let mut active = self.analyzers.iter().filter(|analyzer| analyzer.active);
-        let Some(first) = active.next() else {
-            return Ok(None);
+    /// process unnamed: it is not handed to a later analyzer. `renders` holds what templates
+    /// that read no `.Process` gave other processes of the same container.
+    pub fn analyze(
+        &self,
+        input: &AnalyzerInput<'_>,
+        renders: &mut ContainerRenders,
+    ) -> Result<Option<EntityNames>, AnalyzeError> {
+        let mut contexts = Contexts {
+            input,
+            needs: self.pod_needs,
+            built: Default::default(),
         };
-        let context = context(input, self.pod_needs);
-        for analyzer in std::iter::once(first).chain(active) {
-            if analyzer.filters_hold(&context)? {
-                return analyzer.names(&context).map(Some);
+        for analyzer in self.analyzers.iter().filter(|analyzer| analyzer.active) {
+            if analyzer.filters_hold(&mut contexts, renders)? {
+                return analyzer.names(&mut contexts, renders).map(Some);
             }
         }
         Ok(None)
@@ -224,40 +362,52 @@ impl Analyzer {
     }
 
     /// Whether every filter holds, stopping at the first that does not.
-    fn filters_hold(&self, context: &Context) -> Result<bool, AnalyzeError> {
+    fn filters_hold(
+        &self,
+        contexts: &mut Contexts<'_, '_>,
+        renders: &mut ContainerRenders,
+    ) -> Result<bool, AnalyzeError> {
         for filter in &self.filters {
-            if !filter.holds(context)? {
+            if !filter.holds(contexts, renders)? {
                 return Ok(false);
             }
         }
         Ok(true)
     }
 
-    fn names(&self, context: &Context) -> Result<EntityNames, AnalyzeError> {
+    fn names(
+        &self,
+        contexts: &mut Contexts<'_, '_>,
+        renders: &mut ContainerRenders,
+    ) -> Result<EntityNames, AnalyzeError> {
         Ok(EntityNames {
             layer: self.layer.clone(),
-            service_name: self.service_name.render(context)?,
-            instance_name: self.instance_name.render(context)?,
-            process_name: self.process_name.render(context)?,
+            service_name: self.service_name.render(contexts, renders)?,
+            instance_name: self.instance_name.render(contexts, renders)?,
+            process_name: self.process_name.render(contexts, renders)?,
             labels: self.labels.clone(),
         })
     }
 }
 
-/// The context of one process's templates.
-fn context(input: &AnalyzerInput<'_>, needs: PodNeeds) -> Context {
-    Context::from(object([
-        (
-            "Pod",
-            pod_context::pod_object(input.pod, input.service, needs),
-        ),
-        (
-            "Container",
-            pod_context::container_object(input.pod, input.container_name, needs),
-        ),
-        ("Process", process_object(&input.process)),
-        ("Rover", rover_object(&input.rover)),
-    ]))
+/// The context of one process's templates, with the parts in `roots`.
+fn context(input: &AnalyzerInput<'_>, needs: PodNeeds, roots: Roots) -> Context {
+    let mut fields = std::collections::HashMap::new();
+    if roots.pod {
+        let pod = pod_context::pod_object(input.pod, input.service, needs);
+        fields.insert("Pod".to_owned(), pod);
+    }
+    if roots.container {
+        let container = pod_context::container_object(input.pod, input.container_name, needs);
+        fields.insert("Container".to_owned(), container);
+    }
+    if roots.process {
+        fields.insert("Process".to_owned(), process_object(&input.process));
+    }
+    if roots.rover {
+        fields.insert("Rover".to_owned(), rover_object(&input.rover));
+    }
+    Context::from(gtmpl::Value::Object(fields))
 }
 
 #[cfg(test)]

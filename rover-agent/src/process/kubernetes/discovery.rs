@@ -1,25 +1,30 @@
 //! The processes of the pods on this node: every process of every container of a watched pod
 //! (found through `/proc/PID/cgroup`), named by the analyzers, as `ProcessEntity` changes.
 //!
-//! What a scan learnt of a process is kept (pid, start time, container, command line) and read
-//! again only when the kernel says the process exec'd or exited, or when it cannot say. A
-//! process's names are kept too, and rendered again only when its pod, its pod's Service or its
-//! container changed: rendering the analyzers' templates costs more than reading `/proc`.
+//! Work is done per pod, and only for pods that changed: a pod whose object, Service and
+//! processes are as when its processes were last named keeps its entities without a look at
+//! them. A process's names are kept too, and rendered again only when its pod or its pod's
+//! Service changed (rendering the analyzers' templates costs more than reading `/proc`); what is
+//! known of each process is read again only when the kernel says it exec'd or exited, or when it
+//! cannot say ([`known_processes`]).
+
+mod known_processes;
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Service};
-use tracing::{debug, warn};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tracing::warn;
 
 use super::analyzer::{AnalyzerInput, Analyzers, NamedProcess, make_process_names_unique};
 use super::watch::ClusterSnapshot;
-use crate::process::cgroup::{CgroupReader, ContainerId};
+use crate::process::cgroup::ContainerId;
 use crate::process::entity::{EntityNames, PodPlacement, ProcessEntity};
+use crate::process::host_ip::InterfaceIps;
 use crate::process::host_rules::{HostFacts, ScanChanges, interfaces};
-use crate::process::proc_files::{can_open_exe, exe_name, read_argv, read_stat};
 use crate::process::rule_template::{ProcessValues, RoverValues};
+use known_processes::KnownProcesses;
 
 /// A process can move to another cgroup without exec or exit (rare: runtimes place a
 /// container's first process before it execs its image): every this many scans, the cgroup of
@@ -40,48 +45,57 @@ pub struct KubernetesDiscovery {
     analyzers: Analyzers,
     facts: HostFacts,
     proc_root: PathBuf,
-    cgroups: CgroupReader,
-    self_pid: u32,
+    processes: KnownProcesses,
     /// The agent's own container: its pod is never reported.
     own_container: Option<ContainerId>,
-    known: HashMap<u32, KnownProcess>,
-    /// The entities of the previous scan, by pid.
+    /// What each pod's processes were last named for, by pod key ([`pod_key`]).
+    pods: HashMap<String, PodState>,
+    /// Containers whose processes changed since their pod's processes were last collected.
+    dirty: HashSet<ContainerId>,
+    /// The UID and resource version of each Service at the last update.
+    services: Vec<(String, String)>,
+    /// The entities reported, by pid.
     reported: HashMap<u32, ProcessEntity>,
+    /// The last naming generation given to a pod.
+    generation: u64,
     scans: u32,
     /// Template failures are warned about once per config key.
     warned: HashSet<String>,
 }
 
-/// A process as the previous scan left it: the same while its start time and `comm` stay.
-struct KnownProcess {
-    start_time: u64,
-    comm: String,
-    kernel_thread: bool,
-    /// `None`: not in a container (a host process or a kernel thread).
-    container: Option<ContainerProcess>,
+/// A pod as its processes were last named.
+struct PodState {
+    version: PodVersion,
+    /// Changes with the version: a process's names rendered under another generation are stale.
+    generation: u64,
+    containers: Vec<ContainerId>,
+    /// Its processes that are reported.
+    pids: Vec<u32>,
+    /// Their service and instance names: process names are unique within each.
+    instances: Vec<Instance>,
 }
 
-struct ContainerProcess {
-    id: ContainerId,
-    argv: Vec<String>,
-    command_line: String,
-    exe_name: String,
-    profilable: bool,
-    /// The names last rendered, and for which pod, Service and container.
-    named: Option<(NamingKey, Option<EntityNames>)>,
-}
-
-/// What a process's names depend on besides the process: the pod and Service versions.
+/// What a pod's names depend on besides its processes: the pod object and its Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct NamingKey {
-    pod_uid: String,
-    pod_version: String,
+struct PodVersion {
+    resource_version: String,
     service: Option<(String, String)>,
-    container: String,
 }
 
-/// A process of a watched pod, before its name is made unique within its instance.
-struct PodProcess<'a> {
+/// Service and instance names.
+type Instance = (String, String);
+
+/// A pod whose processes are collected again in this update.
+struct PodWork<'a> {
+    key: String,
+    pod: &'a Pod,
+    version: PodVersion,
+    generation: u64,
+    containers: Vec<(ContainerId, &'a str)>,
+}
+
+/// A collected process, before its name is made unique within its instance.
+struct Placed<'a> {
     pod: &'a Pod,
     container: &'a str,
 }
@@ -90,22 +104,19 @@ impl KubernetesDiscovery {
     /// `proc_root` is the host's procfs (`/proc` in a DaemonSet with `hostPID`).
     pub fn new(analyzers: Analyzers, facts: HostFacts, proc_root: impl Into<PathBuf>) -> Self {
         let proc_root = proc_root.into();
-        let mut cgroups = CgroupReader::new(&proc_root);
-        let self_pid = std::process::id();
-        let own_container = cgroups
-            .read(self_pid)
-            .ok()
-            .flatten()
-            .and_then(|identity| identity.container_id);
+        let mut processes = KnownProcesses::new(proc_root.clone());
+        let own_container = processes.container_of(std::process::id());
         Self {
             analyzers,
             facts,
             proc_root,
-            cgroups,
-            self_pid,
+            processes,
             own_container,
-            known: HashMap::new(),
+            pods: HashMap::new(),
+            dirty: HashSet::new(),
+            services: Vec::new(),
             reported: HashMap::new(),
+            generation: 0,
             scans: 0,
             warned: HashSet::new(),
         }
@@ -123,77 +134,115 @@ impl KubernetesDiscovery {
     ) -> Result<ScanChanges, DiscoveryError> {
         self.scans = self.scans.wrapping_add(1);
         let recheck_cgroups = self.scans.is_multiple_of(CGROUP_RECHECK_EVERY);
-        self.read_processes(changed, recheck_cgroups)?;
-        let containers = container_index(snapshot, self.own_container.as_ref());
-        let interfaces = self.analyzers.uses_interfaces().then(interfaces).flatten();
-        let rover = RoverValues {
-            instance_id: &self.facts.agent_instance_id,
-            host_name: &self.facts.host_name,
-            host_ip: self.facts.host_ip,
-            interfaces: interfaces.as_ref(),
-        };
+        let dirty = self.processes.read(changed, recheck_cgroups)?;
+        self.dirty.extend(dirty);
+        Ok(self.pods_changed(snapshot))
+    }
+
+    /// Reads the processes the kernel marked (exec'd or exited) since the last scan, and no
+    /// other, so that [`Self::pods_changed`] sees them (the host rules have not: the caller
+    /// hands the marks to the next scan too).
+    pub fn read_marked(&mut self, marked: &HashSet<u32>) {
+        let dirty = self.processes.read_only(marked);
+        self.dirty.extend(dirty);
+    }
+
+    /// The changes after the pods or Services changed, without reading `/proc`: only the
+    /// processes of pods that changed (and of pods whose processes changed at the last scan) are
+    /// looked at. Blocking.
+    pub fn pods_changed(&mut self, snapshot: &ClusterSnapshot) -> ScanChanges {
+        let (mut work, live) = self.stale_pods(snapshot);
+        let mut changes = ScanChanges::default();
+        // Pods gone: their processes go.
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|key| !live.contains_key(key.as_str()))
+            .cloned()
+            .collect();
+        let mut instances: HashSet<Instance> = HashSet::new();
+        let mut old_pids: Vec<u32> = Vec::new();
+        for key in gone {
+            if let Some(state) = self.pods.remove(&key) {
+                instances.extend(state.instances);
+                old_pids.extend(state.pids);
+            }
+        }
+        if work.is_empty() && old_pids.is_empty() {
+            self.dirty.clear();
+            return changes;
+        }
         let mut named: Vec<NamedProcess> = Vec::new();
-        let mut placements: HashMap<u32, PodProcess<'_>> = HashMap::new();
-        for (&pid, known) in &mut self.known {
-            let Some(process) = known.container.as_mut() else {
-                continue;
-            };
-            let Some(&(pod, container)) = containers.get(&process.id) else {
-                continue;
-            };
-            let service = snapshot.service_of(pod);
-            let key = naming_key(pod, service, container);
-            let names = match &process.named {
-                Some((named_for, names)) if *named_for == key => names.clone(),
-                _ => {
-                    let proc_dir = self.proc_root.join(pid.to_string());
-                    let input = AnalyzerInput {
-                        pod,
-                        service,
-                        container_name: container,
-                        process: ProcessValues {
-                            pid,
-                            exe_name: &process.exe_name,
-                            argv: &process.argv,
-                            command_line: &process.command_line,
-                            proc_dir: &proc_dir,
-                        },
-                        rover: RoverValues { ..rover },
-                    };
-                    let names = match self.analyzers.analyze(&input) {
-                        Ok(names) => names,
-                        Err(error) => {
-                            if self.warned.insert(error.key().to_owned()) {
-                                warn!("process {pid} of pod {}: {error}", pod_name(pod));
-                            }
-                            None
-                        }
-                    };
-                    process.named = Some((key, names.clone()));
-                    names
+        let mut placed: HashMap<u32, Placed<'_>> = HashMap::new();
+        let mut host_interfaces = None;
+        let mut done = 0;
+        // Names are unique within an instance: pods sharing one with a changed pod (not with
+        // Rover's shipped analyzers, whose instance is the pod) are collected again with it.
+        loop {
+            for pod in &work[done..] {
+                if let Some(state) = self.pods.get(&pod.key) {
+                    instances.extend(state.instances.iter().cloned());
+                    old_pids.extend(&state.pids);
                 }
-            };
-            if let Some(names) = names {
-                named.push(NamedProcess {
-                    pid,
-                    start_time: known.start_time,
-                    names,
+                let first = named.len();
+                self.collect(pod, snapshot, &mut host_interfaces, &mut named, &mut placed);
+                instances.extend(
+                    named[first..]
+                        .iter()
+                        .map(|process| instance_of(&process.names)),
+                );
+            }
+            done = work.len();
+            let sharing: Vec<String> = self
+                .pods
+                .iter()
+                .filter(|(key, state)| {
+                    !work.iter().any(|pod| pod.key == **key)
+                        && state
+                            .instances
+                            .iter()
+                            .any(|shared| instances.contains(shared))
+                })
+                .map(|(key, _)| key.clone())
+                .collect();
+            if sharing.is_empty() {
+                break;
+            }
+            for key in sharing {
+                let Some(&pod) = live.get(key.as_str()) else {
+                    continue;
+                };
+                let state = &self.pods[&key];
+                work.push(PodWork {
+                    version: state.version.clone(),
+                    generation: state.generation,
+                    containers: containers_of(pod),
+                    key,
+                    pod,
                 });
-                placements.insert(pid, PodProcess { pod, container });
             }
         }
         make_process_names_unique(&mut named);
+
+        let mut pod_pids: HashMap<&str, Vec<u32>> = HashMap::new();
+        let mut pod_instances: HashMap<&str, HashSet<Instance>> = HashMap::new();
         let mut entities: HashMap<u32, ProcessEntity> = HashMap::with_capacity(named.len());
         for process in named {
             let (Some(placement), Some(known)) = (
-                placements.get(&process.pid),
-                self.known
-                    .get(&process.pid)
+                placed.get(&process.pid),
+                self.processes
+                    .get(process.pid)
                     .and_then(|known| known.container.as_ref()),
             ) else {
                 continue;
             };
             let pod = placement.pod;
+            let key = pod_key(pod);
+            pod_pids.entry(key).or_default().push(process.pid);
+            pod_instances
+                .entry(key)
+                .or_default()
+                .insert(instance_of(&process.names));
             let entity = ProcessEntity::kubernetes(
                 process.pid,
                 process.names,
@@ -208,192 +257,255 @@ impl KubernetesDiscovery {
                     pod_name: pod_name(pod),
                     container_name: placement.container,
                 },
-                &known.command_line,
+                known.command_line.as_str(),
                 known.profilable,
             );
             entities.insert(process.pid, entity);
         }
-        Ok(self.changes_to(entities))
-    }
-
-    /// Reads what is new or changed in the procfs tree into `known`: processes the kernel
-    /// marked (`changed`), else those whose `stat` changed; and with `recheck_cgroups`, those
-    /// seen outside containers.
-    fn read_processes(
-        &mut self,
-        changed: Option<&HashSet<u32>>,
-        recheck_cgroups: bool,
-    ) -> Result<(), DiscoveryError> {
-        let entries =
-            fs::read_dir(&self.proc_root).map_err(|source| DiscoveryError::ListProcesses {
-                path: self.proc_root.clone(),
-                source,
-            })?;
-        let mut previous = std::mem::take(&mut self.known);
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if pid == self.self_pid {
-                continue;
-            }
-            let recheck = |known: &KnownProcess| {
-                recheck_cgroups && known.container.is_none() && !known.kernel_thread
-            };
-            if let Some(changed) = changed
-                && !changed.contains(&pid)
-                && let Some(known) = previous.remove(&pid)
-            {
-                if !recheck(&known) {
-                    self.known.insert(pid, known);
-                    continue;
-                }
-                previous.insert(pid, known);
-            }
-            let proc_dir = entry.path();
-            let Some(stat) = read_stat(&proc_dir) else {
-                continue;
-            };
-            if stat.is_gone() {
-                continue;
-            }
-            let mut before = previous
-                .remove(&pid)
-                .filter(|known| known.start_time == stat.start_time && known.comm == stat.comm);
-            if changed.is_none()
-                && let Some(known) = before
-            {
-                if !recheck(&known) {
-                    self.known.insert(pid, known);
-                    continue;
-                }
-                before = Some(known);
-            }
-            let container = if stat.is_kernel_thread() {
-                None
-            } else {
-                match self.cgroups.read(pid) {
-                    Ok(Some(identity)) => identity.container_id,
-                    // Vanished while being read.
-                    Ok(None) => continue,
-                    Err(error) => {
-                        debug!("{error}");
-                        None
-                    }
-                }
-            };
-            let container = match container {
-                Some(id) => {
-                    let Some(argv) = read_argv(&proc_dir) else {
-                        continue;
-                    };
-                    let command_line = argv.join(" ");
-                    if command_line.is_empty() {
-                        // Not exec'd yet: read again next scan.
-                        continue;
-                    }
-                    // Read again, the same: the names given stay valid.
-                    let named = before
-                        .and_then(|known| known.container)
-                        .filter(|old| old.id == id && old.command_line == command_line)
-                        .and_then(|old| old.named);
-                    Some(ContainerProcess {
-                        id,
-                        exe_name: exe_name(&stat.comm, &argv),
-                        command_line,
-                        argv,
-                        profilable: can_open_exe(&proc_dir),
-                        named,
-                    })
-                }
-                None => None,
-            };
-            self.known.insert(
-                pid,
-                KnownProcess {
-                    start_time: stat.start_time,
-                    kernel_thread: stat.is_kernel_thread(),
-                    comm: stat.comm,
-                    container,
+        for pod in work {
+            let key = pod_key(pod.pod);
+            self.pods.insert(
+                pod.key,
+                PodState {
+                    version: pod.version,
+                    generation: pod.generation,
+                    containers: pod.containers.into_iter().map(|(id, _)| id).collect(),
+                    pids: pod_pids.remove(key).unwrap_or_default(),
+                    instances: pod_instances
+                        .remove(key)
+                        .map(|set| set.into_iter().collect())
+                        .unwrap_or_default(),
                 },
             );
         }
-        Ok(())
-    }
+        self.dirty.clear();
 
-    /// The differences between the previous scan's entities and `entities`, which replace them.
-    fn changes_to(&mut self, entities: HashMap<u32, ProcessEntity>) -> ScanChanges {
-        let mut changes = ScanChanges::default();
-        for (pid, old) in &self.reported {
-            if entities.get(pid) != Some(old) {
-                changes.removed.push(*pid);
+        old_pids.sort_unstable();
+        old_pids.dedup();
+        for pid in old_pids {
+            if !entities.contains_key(&pid) && self.reported.remove(&pid).is_some() {
+                changes.removed.push(pid);
             }
         }
-        for (pid, new) in &entities {
-            if self.reported.get(pid) != Some(new) {
-                changes.added.push(new.clone());
+        for (pid, entity) in entities {
+            match self.reported.get(&pid) {
+                Some(old) if *old == entity => {}
+                Some(_) => {
+                    changes.removed.push(pid);
+                    changes.added.push(entity.clone());
+                    self.reported.insert(pid, entity);
+                }
+                None => {
+                    changes.added.push(entity.clone());
+                    self.reported.insert(pid, entity);
+                }
             }
         }
         changes.removed.sort_unstable();
         changes.added.sort_by_key(|entity| entity.pid);
-        self.reported = entities;
         changes
     }
-}
 
-/// Each container of the snapshot's pods (regular, init and ephemeral) by id, with its pod and
-/// name; the pod holding `own_container` is left out.
-fn container_index<'a>(
-    snapshot: &'a ClusterSnapshot,
-    own_container: Option<&ContainerId>,
-) -> HashMap<ContainerId, (&'a Pod, &'a str)> {
-    let mut index = HashMap::new();
-    for pod in &snapshot.pods {
-        let Some(status) = &pod.status else {
-            continue;
-        };
-        let statuses = [
-            &status.container_statuses,
-            &status.init_container_statuses,
-            &status.ephemeral_container_statuses,
-        ];
-        let ids: Vec<(ContainerId, &str)> = statuses
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|status: &ContainerStatus| {
-                let id = ContainerId::from_status_id(status.container_id.as_deref()?)?;
-                Some((id, status.name.as_str()))
+    /// The pods whose processes must be collected again (new, changed, or with a container
+    /// whose processes changed), and every live pod by key. The agent's own pod is left out.
+    fn stale_pods<'a>(
+        &mut self,
+        snapshot: &'a ClusterSnapshot,
+    ) -> (Vec<PodWork<'a>>, HashMap<&'a str, &'a Pod>) {
+        let mut work = Vec::new();
+        let mut live = HashMap::with_capacity(snapshot.pods.len());
+        // Finding a pod's Service matches selectors against labels: skipped for a pod whose
+        // object did not change while no Service did.
+        let services: Vec<(&str, &str)> = snapshot
+            .services
+            .iter()
+            .map(|service| {
+                let meta = &service.metadata;
+                (
+                    meta.uid.as_deref().unwrap_or_default(),
+                    meta.resource_version.as_deref().unwrap_or_default(),
+                )
             })
             .collect();
-        if own_container.is_some_and(|own| ids.iter().any(|(id, _)| id == own)) {
-            continue;
+        let services_unchanged = self.services.len() == services.len()
+            && self.services.iter().zip(&services).all(
+                |((uid, version), (now_uid, now_version))| uid == now_uid && version == now_version,
+            );
+        if !services_unchanged {
+            self.services = services
+                .iter()
+                .map(|&(uid, version)| (uid.to_owned(), version.to_owned()))
+                .collect();
         }
-        for (id, name) in ids {
-            index.insert(id, (pod.as_ref(), name));
+        for pod in &snapshot.pods {
+            let key = pod_key(pod);
+            let state = self.pods.get(key);
+            let version = match state {
+                Some(state)
+                    if services_unchanged
+                        && pod.metadata.resource_version.as_deref().unwrap_or_default()
+                            == state.version.resource_version =>
+                {
+                    state.version.clone()
+                }
+                _ => PodVersion::of(pod, snapshot.service_of(pod)),
+            };
+            let unchanged = state.is_some_and(|state| {
+                state.version == version
+                    && !state.containers.iter().any(|id| self.dirty.contains(id))
+            });
+            if unchanged {
+                live.insert(key, pod.as_ref());
+                continue;
+            }
+            let containers = containers_of(pod);
+            if self
+                .own_container
+                .as_ref()
+                .is_some_and(|own| containers.iter().any(|(id, _)| id == own))
+            {
+                continue;
+            }
+            live.insert(key, pod.as_ref());
+            let generation = match state {
+                Some(state) if state.version == version => state.generation,
+                _ => {
+                    self.generation += 1;
+                    self.generation
+                }
+            };
+            work.push(PodWork {
+                key: key.to_owned(),
+                pod,
+                version,
+                generation,
+                containers,
+            });
+        }
+        (work, live)
+    }
+
+    /// Names the processes of `pod` (rendering only those not named under its generation) into
+    /// `named` and `placed`.
+    fn collect<'a>(
+        &mut self,
+        pod: &PodWork<'a>,
+        snapshot: &'a ClusterSnapshot,
+        host_interfaces: &mut Option<Option<HashMap<String, InterfaceIps>>>,
+        named: &mut Vec<NamedProcess>,
+        placed: &mut HashMap<u32, Placed<'a>>,
+    ) {
+        let service = snapshot.service_of(pod.pod);
+        for (id, container) in &pod.containers {
+            let mut renders = self.analyzers.container_renders();
+            for &pid in self.processes.in_container(id).to_vec().iter() {
+                let Some(known) = self.processes.get_mut(pid) else {
+                    continue;
+                };
+                let start_time = known.start_time;
+                let Some(process) = known.container.as_mut() else {
+                    continue;
+                };
+                let names = match &process.named {
+                    Some((generation, names)) if *generation == pod.generation => names.clone(),
+                    _ => {
+                        // Read once per update, and only when a template asks.
+                        let interfaces = host_interfaces.get_or_insert_with(|| {
+                            self.analyzers.uses_interfaces().then(interfaces).flatten()
+                        });
+                        let proc_dir = self.proc_root.join(pid.to_string());
+                        let input = AnalyzerInput {
+                            pod: pod.pod,
+                            service,
+                            container_name: container,
+                            process: ProcessValues {
+                                pid,
+                                exe_name: &process.exe_name,
+                                argv0: process.command_line.argv0(),
+                                command_line: process.command_line.as_str(),
+                                proc_dir: &proc_dir,
+                            },
+                            rover: RoverValues {
+                                instance_id: &self.facts.agent_instance_id,
+                                host_name: &self.facts.host_name,
+                                host_ip: self.facts.host_ip,
+                                interfaces: interfaces.as_ref(),
+                            },
+                        };
+                        let names = match self.analyzers.analyze(&input, &mut renders) {
+                            Ok(names) => names,
+                            Err(error) => {
+                                if self.warned.insert(error.key().to_owned()) {
+                                    warn!("process {pid} of pod {}: {error}", pod_name(pod.pod));
+                                }
+                                None
+                            }
+                        };
+                        process.named = Some((pod.generation, names.clone()));
+                        names
+                    }
+                };
+                if let Some(names) = names {
+                    named.push(NamedProcess {
+                        pid,
+                        start_time,
+                        names,
+                    });
+                    placed.insert(
+                        pid,
+                        Placed {
+                            pod: pod.pod,
+                            container,
+                        },
+                    );
+                }
+            }
         }
     }
-    index
 }
 
-fn naming_key(pod: &Pod, service: Option<&Service>, container: &str) -> NamingKey {
-    let version = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        (
-            meta.uid.clone().unwrap_or_default(),
-            meta.resource_version.clone().unwrap_or_default(),
-        )
-    };
-    let (pod_uid, pod_version) = version(&pod.metadata);
-    NamingKey {
-        pod_uid,
-        pod_version,
-        service: service.map(|service| version(&service.metadata)),
-        container: container.to_owned(),
+impl PodVersion {
+    fn of(pod: &Pod, service: Option<&Service>) -> Self {
+        let version = |meta: &ObjectMeta| meta.resource_version.clone().unwrap_or_default();
+        Self {
+            resource_version: version(&pod.metadata),
+            service: service.map(|service| {
+                (
+                    service.metadata.uid.clone().unwrap_or_default(),
+                    version(&service.metadata),
+                )
+            }),
+        }
     }
+}
+
+/// Each container of `pod` (regular, init and ephemeral) with a known id, and its name.
+fn containers_of(pod: &Pod) -> Vec<(ContainerId, &str)> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    [
+        &status.container_statuses,
+        &status.init_container_statuses,
+        &status.ephemeral_container_statuses,
+    ]
+    .into_iter()
+    .flatten()
+    .flatten()
+    .filter_map(|status: &ContainerStatus| {
+        let id = ContainerId::from_status_id(status.container_id.as_deref()?)?;
+        Some((id, status.name.as_str()))
+    })
+    .collect()
+}
+
+/// A pod's UID (its name for an object without one).
+fn pod_key(pod: &Pod) -> &str {
+    pod.metadata.uid.as_deref().unwrap_or_else(|| pod_name(pod))
+}
+
+fn instance_of(names: &EntityNames) -> Instance {
+    (names.service_name.clone(), names.instance_name.clone())
 }
 
 fn pod_name(pod: &Pod) -> &str {
@@ -401,253 +513,4 @@ fn pod_name(pod: &Pod) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
-    use std::sync::Arc;
-
-    use super::*;
-    use crate::config::KubernetesAnalyzerSettings;
-
-    const CONTAINER_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    const CONTAINER_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
-
-    /// A procfs tree in a temporary directory: `PID/{stat,cmdline,cgroup,exe}`.
-    struct FakeProc(tempfile::TempDir);
-
-    impl FakeProc {
-        fn add(&self, pid: u32, comm: &str, start_time: u64, argv: &[&str], cgroup: &str) {
-            let dir = self.0.path().join(pid.to_string());
-            fs::create_dir_all(&dir).unwrap();
-            let stat = format!(
-                "{pid} ({comm}) S 1 1 1 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 {start_time} 0 0\n"
-            );
-            fs::write(dir.join("stat"), stat).unwrap();
-            let mut cmdline = argv.join("\0");
-            cmdline.push('\0');
-            fs::write(dir.join("cmdline"), cmdline).unwrap();
-            fs::write(dir.join("cgroup"), cgroup).unwrap();
-            let _ = std::os::unix::fs::symlink("/proc/self/exe", dir.join("exe"));
-        }
-
-        fn remove(&self, pid: u32) {
-            fs::remove_dir_all(self.0.path().join(pid.to_string())).unwrap();
-        }
-    }
-
-    fn containerd(pod_uid: &str, id: &str) -> String {
-        format!(
-            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/\
-             cri-containerd-{id}.scope\n",
-            pod_uid.replace('-', "_")
-        )
-    }
-
-    fn pod(name: &str, uid: &str, version: &str, containers: &[(&str, &str)]) -> Arc<Pod> {
-        let statuses: Vec<serde_json::Value> = containers
-            .iter()
-            .map(|(name, id)| {
-                serde_json::json!({
-                    "name": name, "containerID": format!("containerd://{id}"), "image": "i",
-                    "imageID": "", "ready": true, "restartCount": 0,
-                })
-            })
-            .collect();
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": name, "namespace": "shop", "uid": uid,
-                             "resourceVersion": version, "labels": {"app": "cart"}},
-                "spec": {"nodeName": "node-1", "containers": containers.iter()
-                    .map(|(name, _)| serde_json::json!({"name": name})).collect::<Vec<_>>()},
-                "status": {"podIP": "10.1.2.3", "containerStatuses": statuses},
-            }))
-            .unwrap(),
-        )
-    }
-
-    fn service() -> Arc<Service> {
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "cart", "namespace": "shop", "uid": "s1",
-                             "resourceVersion": "1"},
-                "spec": {"selector": {"app": "cart"}},
-            }))
-            .unwrap(),
-        )
-    }
-
-    fn discovery(proc: &FakeProc) -> KubernetesDiscovery {
-        let analyzers = Analyzers::new(&[KubernetesAnalyzerSettings {
-            active: true,
-            filters: vec![".Pod.HasServiceName".to_owned()],
-            layer: "K8S_SERVICE".to_owned(),
-            service_name: "{{.Pod.ServiceName}}.{{.Pod.Namespace}}".to_owned(),
-            instance_name: "{{.Pod.Name}}".to_owned(),
-            process_name: "{{.Process.ExeName}}".to_owned(),
-            labels: vec!["k8s-service".to_owned()],
-        }])
-        .unwrap();
-        let facts = HostFacts {
-            cluster_name: Some("prod".to_owned()),
-            host_ip: IpAddr::V4(Ipv4Addr::new(192, 168, 0, 7)),
-            host_name: "node-1".to_owned(),
-            agent_instance_id: "agent".to_owned(),
-        };
-        KubernetesDiscovery::new(analyzers, facts, proc.0.path())
-    }
-
-    #[test]
-    fn every_process_of_a_pod_s_container_is_reported_with_its_pod_and_unique_names() {
-        let proc = FakeProc(tempfile::tempdir().unwrap());
-        let uid = "11111111-2222-3333-4444-555555555555";
-        proc.add(
-            100,
-            "server",
-            10,
-            &["/app/server", "--port=80"],
-            &containerd(uid, CONTAINER_A),
-        );
-        proc.add(
-            101,
-            "server",
-            20,
-            &["/app/server", "--worker"],
-            &containerd(uid, CONTAINER_A),
-        );
-        proc.add(
-            102,
-            "helper",
-            30,
-            &["helper"],
-            &containerd(uid, CONTAINER_B),
-        );
-        proc.add(
-            200,
-            "bash",
-            5,
-            &["bash"],
-            "0::/user.slice/session-1.scope\n",
-        );
-        let mut snapshot = ClusterSnapshot {
-            pods: vec![pod(
-                "cart-1",
-                uid,
-                "7",
-                &[("app", CONTAINER_A), ("helper", CONTAINER_B)],
-            )],
-            services: vec![service()],
-        };
-        let mut discovery = discovery(&proc);
-
-        let changes = discovery.scan(&snapshot, None).unwrap();
-        let names: Vec<(u32, &str)> = changes
-            .added
-            .iter()
-            .map(|entity| (entity.pid, entity.process_name.as_str()))
-            .collect();
-        // The oldest `server` keeps the name; the host process is not a pod's.
-        assert_eq!(
-            names,
-            [(100, "server"), (101, "server-101"), (102, "helper")]
-        );
-        let first = &changes.added[0];
-        assert_eq!(first.origin, crate::process::ProcessOrigin::Kubernetes);
-        assert_eq!(first.layer, "K8S_SERVICE");
-        assert_eq!(first.service_name, "prod::cart.shop");
-        assert_eq!(first.instance_name, "cart-1");
-        assert_eq!(first.labels, ["k8s-service"]);
-        let properties: Vec<(&str, &str)> = first
-            .properties
-            .iter()
-            .map(|(key, value)| (key.as_str(), value.as_str()))
-            .collect();
-        assert_eq!(
-            properties,
-            [
-                ("host_ip", "192.168.0.7"),
-                ("container_ip", "10.1.2.3"),
-                ("container_name", "app"),
-                ("pod_name", "cart-1"),
-                ("pid", "100"),
-                ("command_line", "/app/server --port=80"),
-                ("support_ebpf_profiling", "true"),
-            ]
-        );
-
-        // Nothing changed: nothing to say, whether the kernel tells or not.
-        assert_eq!(
-            discovery.scan(&snapshot, None).unwrap(),
-            ScanChanges::default()
-        );
-        assert_eq!(
-            discovery.scan(&snapshot, Some(&HashSet::new())).unwrap(),
-            ScanChanges::default()
-        );
-
-        // 100 exits: 101 takes the bare name (re-reported), 100 is removed.
-        proc.remove(100);
-        let changes = discovery
-            .scan(&snapshot, Some(&HashSet::from([100])))
-            .unwrap();
-        assert_eq!(changes.removed, [100, 101]);
-        assert_eq!(changes.added.len(), 1);
-        assert_eq!(changes.added[0].process_name, "server");
-
-        // The pod is deleted: its processes are removed.
-        snapshot.pods.clear();
-        let changes = discovery.scan(&snapshot, Some(&HashSet::new())).unwrap();
-        assert_eq!(changes.removed, [101, 102]);
-        assert!(changes.added.is_empty());
-    }
-
-    #[test]
-    fn a_pod_known_after_its_processes_and_a_process_moved_into_a_container_are_found() {
-        let proc = FakeProc(tempfile::tempdir().unwrap());
-        let uid = "11111111-2222-3333-4444-555555555555";
-        proc.add(
-            100,
-            "server",
-            10,
-            &["server"],
-            &containerd(uid, CONTAINER_A),
-        );
-        proc.add(300, "late", 10, &["late"], "0::/user.slice\n");
-        let mut snapshot = ClusterSnapshot {
-            pods: Vec::new(),
-            services: vec![service()],
-        };
-        let mut discovery = discovery(&proc);
-        assert_eq!(
-            discovery.scan(&snapshot, None).unwrap(),
-            ScanChanges::default()
-        );
-        snapshot.pods = vec![pod(
-            "cart-1",
-            uid,
-            "1",
-            &[("app", CONTAINER_A), ("helper", CONTAINER_B)],
-        )];
-        let added = discovery
-            .scan(&snapshot, Some(&HashSet::new()))
-            .unwrap()
-            .added;
-        assert_eq!(added.iter().map(|e| e.pid).collect::<Vec<_>>(), [100]);
-
-        // 300 moves into container B without exec or exit: found by the periodic re-read.
-        fs::write(
-            proc.0.path().join("300/cgroup"),
-            containerd(uid, CONTAINER_B),
-        )
-        .unwrap();
-        let mut found = Vec::new();
-        for _ in 0..CGROUP_RECHECK_EVERY {
-            found.extend(
-                discovery
-                    .scan(&snapshot, Some(&HashSet::new()))
-                    .unwrap()
-                    .added,
-            );
-        }
-        assert_eq!(found.iter().map(|e| e.pid).collect::<Vec<_>>(), [300]);
-        assert_eq!(found[0].properties[2].1, "helper");
-    }
-}
+mod tests;

@@ -10,6 +10,7 @@ use serde_json::{Value as Json, json};
 use super::*;
 use crate::config::Settings;
 use crate::process::host_ip::InterfaceIps;
+use crate::process::proc_files::CommandLine;
 
 /// Rover 0.7.0's `rover_configs.yaml`: its three analyzers, verbatim.
 const ROVER_CONFIG: &str = include_str!("../../../config/testdata/rover_configs_0.7.0.yaml");
@@ -136,8 +137,7 @@ fn service(name: &str, namespace: &str) -> Service {
 struct ProcessFixture {
     pid: u32,
     exe_name: String,
-    argv: Vec<String>,
-    command_line: String,
+    command_line: CommandLine,
     proc_dir: tempfile::TempDir,
 }
 
@@ -147,12 +147,10 @@ impl ProcessFixture {
         let exe = PathBuf::from("/usr/lib/jvm/bin").join(exe_name);
         std::os::unix::fs::symlink(exe, proc_dir.path().join("exe")).expect("exe link");
         std::os::unix::fs::symlink("/app", proc_dir.path().join("cwd")).expect("cwd link");
-        let argv: Vec<String> = argv.iter().map(|arg| (*arg).to_owned()).collect();
         Self {
             pid,
             exe_name: exe_name.to_owned(),
-            command_line: argv.join(" "),
-            argv,
+            command_line: CommandLine::from_args(argv),
             proc_dir,
         }
     }
@@ -161,8 +159,8 @@ impl ProcessFixture {
         ProcessValues {
             pid: self.pid,
             exe_name: &self.exe_name,
-            argv: &self.argv,
-            command_line: &self.command_line,
+            argv0: self.command_line.argv0(),
+            command_line: self.command_line.as_str(),
             proc_dir: self.proc_dir.path(),
         }
     }
@@ -186,7 +184,7 @@ fn analyze(
     process: &ProcessFixture,
 ) -> Result<Option<EntityNames>, AnalyzeError> {
     let interfaces = interfaces();
-    analyzers.analyze(&AnalyzerInput {
+    let input = AnalyzerInput {
         pod,
         service,
         container_name,
@@ -197,7 +195,8 @@ fn analyze(
             host_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
             interfaces: Some(&interfaces),
         },
-    })
+    };
+    analyzers.analyze(&input, &mut analyzers.container_renders())
 }
 
 fn names(layer: &str, service: &str, instance: &str, process: &str, label: &str) -> EntityNames {
@@ -713,8 +712,7 @@ fn weird_pods_give_empty_values_or_errors_never_a_panic() {
     let no_process = ProcessFixture {
         pid: 0,
         exe_name: String::new(),
-        argv: Vec::new(),
-        command_line: String::new(),
+        command_line: CommandLine::from_args(&[]),
         proc_dir: tempfile::tempdir().unwrap(),
     };
     let weird_pods = [
@@ -755,4 +753,86 @@ fn analyzers_can_be_shared_by_threads() {
     assert_shareable::<Analyzers>();
     assert_shareable::<Error>();
     assert_shareable::<AnalyzeError>();
+}
+
+#[test]
+fn a_template_s_roots_over_approximate_what_it_reads() {
+    let roots = |source| Roots::of(source, false);
+    assert_eq!(
+        roots("{{.Pod.ServiceName}}.{{.Pod.Namespace}}"),
+        Roots {
+            pod: true,
+            container: false,
+            process: false,
+            rover: false,
+        }
+    );
+    assert_eq!(
+        roots("{{.Process.ExeName}}"),
+        Roots {
+            pod: false,
+            container: false,
+            process: true,
+            rover: false,
+        }
+    );
+    // `.` itself, or a variable, may read anything.
+    for source in [
+        "{{.}}",
+        "{{ . }}",
+        "{{with .Pod}}{{.Name}}{{end}}-{{$.Process}}",
+    ] {
+        assert_eq!(roots(source), Roots::ALL, "{source}");
+    }
+    // A number is not a bare dot; text outside actions is not read.
+    assert!(!roots("{{if gt 1.5 1.0}}Process.{{end}}").process);
+    // A filter is one action.
+    assert!(Roots::of(".Pod.HasServiceName", true).pod);
+    assert_eq!(Roots::of("not .", true), Roots::ALL);
+}
+
+#[test]
+fn processes_of_one_container_share_what_reads_no_process() {
+    let analyzers = Analyzers::new(&[analyzer(
+        &[".Pod.HasServiceName"],
+        "{{.Pod.ServiceName}}",
+        "{{.Pod.Name}}",
+        "{{.Process.ExeName}}-{{.Process.Pid}}",
+    )])
+    .unwrap();
+    let pod = pod(
+        json!({"metadata": {"name": "cart-1", "namespace": "shop", "labels": {"app": "cart"}}}),
+    );
+    let service = service("cart", "shop");
+    let mut renders = analyzers.container_renders();
+    let interfaces = interfaces();
+    let mut names = Vec::new();
+    for (pid, exe) in [(10, "java"), (11, "python")] {
+        let process = ProcessFixture::new(pid, exe, &[exe]);
+        let input = AnalyzerInput {
+            pod: &pod,
+            service: Some(&service),
+            container_name: "app",
+            process: process.values(),
+            rover: RoverValues {
+                instance_id: "agent-uuid",
+                host_name: "node-1.example",
+                host_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+                interfaces: Some(&interfaces),
+            },
+        };
+        let named = analyzers.analyze(&input, &mut renders).unwrap().unwrap();
+        names.push((named.service_name, named.instance_name, named.process_name));
+    }
+    assert_eq!(
+        names,
+        [
+            ("cart".to_owned(), "cart-1".to_owned(), "java-10".to_owned()),
+            (
+                "cart".to_owned(),
+                "cart-1".to_owned(),
+                "python-11".to_owned()
+            ),
+        ]
+    );
 }

@@ -1,0 +1,351 @@
+//! What discovery knows of every process on the host, read from procfs once and again only
+//! when the kernel marks it (exec, exit) or, without the kernel's word, when its `stat` changed;
+//! indexed by container, so that a pod's processes are found without a pass over all of them.
+//!
+//! Many reads at once (the first scan, a scan without the kernel's word) are spread over a few
+//! threads: procfs reads are system-call bound and scale with cores.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use tracing::debug;
+
+use super::DiscoveryError;
+use crate::process::cgroup::{CgroupReader, ContainerId};
+use crate::process::proc_files::{
+    CommandLine, can_open_exe, exe_name, read_command_line, read_stat,
+};
+
+/// Below this many reads one thread does them: a thread costs more than it saves.
+pub(super) const PARALLEL_READS_MIN: usize = 256;
+/// The most threads a scan reads with: enough for the first scan of a busy node, few enough
+/// never to take a node's cores.
+const READ_THREADS_MAX: usize = 4;
+
+/// A process as the last read left it: the same while its start time and `comm` stay.
+pub(super) struct KnownProcess {
+    pub(super) start_time: u64,
+    comm: String,
+    kernel_thread: bool,
+    /// `None`: not in a container (a host process or a kernel thread).
+    pub(super) container: Option<ContainerProcess>,
+}
+
+pub(super) struct ContainerProcess {
+    pub(super) id: ContainerId,
+    pub(super) command_line: CommandLine,
+    pub(super) exe_name: String,
+    pub(super) profilable: bool,
+    /// The names last rendered, and for which generation of the pod's naming (see
+    /// `PodState::generation`); `None` inside: no analyzer named it.
+    pub(super) named: Option<(u64, Option<crate::process::entity::EntityNames>)>,
+}
+
+/// Every process of the host, by pid and by container.
+pub(super) struct KnownProcesses {
+    proc_root: PathBuf,
+    cgroups: CgroupReader,
+    self_pid: u32,
+    processes: HashMap<u32, KnownProcess>,
+    by_container: HashMap<ContainerId, Vec<u32>>,
+}
+
+/// One process to read, with what was known of it.
+struct Job {
+    pid: u32,
+    before: Option<KnownProcess>,
+    /// Without the kernel's word: kept as it was when its `stat` did not change.
+    keep_if_unchanged: bool,
+}
+
+/// What reading a process found.
+struct Outcome {
+    pid: u32,
+    /// What was known of it, when it changed.
+    before: Option<KnownProcess>,
+    /// What is known of it now; `None`: gone, a zombie, or not exec'd yet (read again next
+    /// scan).
+    now: Option<KnownProcess>,
+    /// `now` is as it was (and indexed as it was).
+    unchanged: bool,
+}
+
+impl Outcome {
+    /// As it was.
+    fn kept(pid: u32, known: KnownProcess) -> Self {
+        Self {
+            pid,
+            before: None,
+            now: Some(known),
+            unchanged: true,
+        }
+    }
+
+    fn skipped(pid: u32, before: Option<KnownProcess>) -> Self {
+        Self {
+            pid,
+            before,
+            now: None,
+            unchanged: false,
+        }
+    }
+}
+
+impl KnownProcesses {
+    pub(super) fn new(proc_root: PathBuf) -> Self {
+        Self {
+            cgroups: CgroupReader::new(&proc_root),
+            proc_root,
+            self_pid: std::process::id(),
+            processes: HashMap::new(),
+            by_container: HashMap::new(),
+        }
+    }
+
+    /// The container of process `pid`, read now (the agent's own, to leave its pod out).
+    pub(super) fn container_of(&mut self, pid: u32) -> Option<ContainerId> {
+        self.cgroups.read(pid).ok().flatten()?.container_id
+    }
+
+    pub(super) fn get(&self, pid: u32) -> Option<&KnownProcess> {
+        self.processes.get(&pid)
+    }
+
+    pub(super) fn get_mut(&mut self, pid: u32) -> Option<&mut KnownProcess> {
+        self.processes.get_mut(&pid)
+    }
+
+    /// The processes of container `id`.
+    pub(super) fn in_container(&self, id: &ContainerId) -> &[u32] {
+        self.by_container.get(id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Reads what is new or changed in the procfs tree: the processes the kernel marked
+    /// (`changed`), else those whose `stat` changed; and with `recheck_cgroups`, those seen
+    /// outside containers. Returns the containers whose processes changed.
+    pub(super) fn read(
+        &mut self,
+        changed: Option<&HashSet<u32>>,
+        recheck_cgroups: bool,
+    ) -> Result<HashSet<ContainerId>, DiscoveryError> {
+        let entries =
+            fs::read_dir(&self.proc_root).map_err(|source| DiscoveryError::ListProcesses {
+                path: self.proc_root.clone(),
+                source,
+            })?;
+        let mut listed = HashSet::with_capacity(self.processes.len() + 64);
+        let mut jobs = Vec::new();
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == self.self_pid {
+                continue;
+            }
+            listed.insert(pid);
+            let recheck = self.processes.get(&pid).is_some_and(|known| {
+                recheck_cgroups && known.container.is_none() && !known.kernel_thread
+            });
+            let unmarked = changed.is_some_and(|changed| !changed.contains(&pid));
+            if unmarked && !recheck && self.processes.contains_key(&pid) {
+                continue;
+            }
+            jobs.push(Job {
+                pid,
+                before: self.processes.remove(&pid),
+                keep_if_unchanged: changed.is_none() && !recheck,
+            });
+        }
+        let gone: Vec<u32> = self
+            .processes
+            .keys()
+            .filter(|pid| !listed.contains(pid))
+            .copied()
+            .collect();
+        let mut dirty = HashSet::new();
+        for pid in gone {
+            if let Some(known) = self.processes.remove(&pid) {
+                self.unindex(pid, &known, &mut dirty);
+            }
+        }
+        self.apply(jobs, &mut dirty);
+        Ok(dirty)
+    }
+
+    /// Reads the processes in `marked` (exec'd or exited) and no other. Returns the containers
+    /// whose processes changed.
+    pub(super) fn read_only(&mut self, marked: &HashSet<u32>) -> HashSet<ContainerId> {
+        let jobs = marked
+            .iter()
+            .filter(|&&pid| pid != self.self_pid)
+            .map(|&pid| Job {
+                pid,
+                before: self.processes.remove(&pid),
+                keep_if_unchanged: false,
+            })
+            .collect();
+        let mut dirty = HashSet::new();
+        self.apply(jobs, &mut dirty);
+        dirty
+    }
+
+    /// Does `jobs` and keeps what they found, adding the containers whose processes changed to
+    /// `dirty`.
+    fn apply(&mut self, jobs: Vec<Job>, dirty: &mut HashSet<ContainerId>) {
+        for Outcome {
+            pid,
+            before,
+            now,
+            unchanged,
+        } in self.read_all(jobs)
+        {
+            if let Some(before) = before {
+                self.unindex(pid, &before, dirty);
+            }
+            if let Some(now) = now {
+                if !unchanged && let Some(container) = &now.container {
+                    self.by_container.entry(container.id).or_default().push(pid);
+                    dirty.insert(container.id);
+                }
+                self.processes.insert(pid, now);
+            }
+        }
+    }
+
+    fn unindex(&mut self, pid: u32, known: &KnownProcess, dirty: &mut HashSet<ContainerId>) {
+        let Some(container) = &known.container else {
+            return;
+        };
+        if let Some(pids) = self.by_container.get_mut(&container.id) {
+            pids.retain(|&other| other != pid);
+            if pids.is_empty() {
+                self.by_container.remove(&container.id);
+            }
+        }
+        dirty.insert(container.id);
+    }
+
+    /// Does `jobs`, on a few threads when there are many.
+    fn read_all(&mut self, jobs: Vec<Job>) -> Vec<Outcome> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(READ_THREADS_MAX)
+            .min(jobs.len() / PARALLEL_READS_MIN)
+            .max(1);
+        if threads == 1 {
+            return jobs
+                .into_iter()
+                .map(|job| read_process(&self.proc_root, &mut self.cgroups, job))
+                .collect();
+        }
+        let chunk = jobs.len().div_ceil(threads);
+        let mut jobs = jobs.into_iter();
+        let chunks: Vec<Vec<Job>> = (0..threads)
+            .map(|_| jobs.by_ref().take(chunk).collect())
+            .collect();
+        let proc_root = &self.proc_root;
+        let done: Vec<(Vec<Outcome>, CgroupReader)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = chunks
+                .into_iter()
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        let mut cgroups = CgroupReader::new(proc_root);
+                        let outcomes = chunk
+                            .into_iter()
+                            .map(|job| read_process(proc_root, &mut cgroups, job))
+                            .collect();
+                        (outcomes, cgroups)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|worker| {
+                    worker
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+        let mut outcomes = Vec::new();
+        for (done, cgroups) in done {
+            self.cgroups.count_unrecognized_of(&cgroups);
+            outcomes.extend(done);
+        }
+        outcomes
+    }
+}
+
+/// Reads one process: its `stat`, and unless it is a kernel thread its cgroup; and for a process
+/// in a container, its command line and whether its executable opens.
+fn read_process(proc_root: &Path, cgroups: &mut CgroupReader, job: Job) -> Outcome {
+    let Job {
+        pid,
+        before,
+        keep_if_unchanged,
+    } = job;
+    let proc_dir = proc_root.join(pid.to_string());
+    let Some(stat) = read_stat(&proc_dir).filter(|stat| !stat.is_gone()) else {
+        return Outcome::skipped(pid, before);
+    };
+    let same = before
+        .as_ref()
+        .is_some_and(|known| known.start_time == stat.start_time && known.comm == stat.comm);
+    if keep_if_unchanged
+        && same
+        && let Some(known) = before
+    {
+        return Outcome::kept(pid, known);
+    }
+    let container_id = if stat.is_kernel_thread() {
+        None
+    } else {
+        match cgroups.read(pid) {
+            Ok(Some(identity)) => identity.container_id,
+            Ok(None) => return Outcome::skipped(pid, before),
+            Err(error) => {
+                debug!("{error}");
+                None
+            }
+        }
+    };
+    let container = match container_id {
+        Some(id) => {
+            let Some(command_line) = read_command_line(&proc_dir).filter(|line| !line.is_empty())
+            else {
+                return Outcome::skipped(pid, before);
+            };
+            // Read again, the same: the names given stay valid.
+            let named = before
+                .as_ref()
+                .filter(|_| same)
+                .and_then(|known| known.container.as_ref())
+                .filter(|old| old.id == id && old.command_line == command_line)
+                .and_then(|old| old.named.clone());
+            Some(ContainerProcess {
+                exe_name: exe_name(&stat.comm, command_line.argv0()),
+                id,
+                command_line,
+                profilable: can_open_exe(&proc_dir),
+                named,
+            })
+        }
+        None => None,
+    };
+    Outcome {
+        pid,
+        before,
+        now: Some(KnownProcess {
+            start_time: stat.start_time,
+            kernel_thread: stat.is_kernel_thread(),
+            comm: stat.comm,
+            container,
+        }),
+        unchanged: false,
+    }
+}
