@@ -2,12 +2,12 @@
 //! containers (real cgroups, containerd's systemd layout) and the fake API server serving those
 //! pods.
 //!
-//! - A full scan through the library (`KubernetesDiscovery::scan`, every process read): cold
-//!   (all new) and warm (nothing changed); target <= 50 ms wall.
+//! - Scans through the library (`KubernetesDiscovery::scan`): cold (every process new, every
+//!   file read) and warm (nothing changed, every process's `stat` read); target <= 50 ms wall.
+//!   Also the periodic scan with the kernel's marks, and a pod event's pass (`pods_changed`).
 //! - A watch event for one pod: `rover-agent run`'s CPU while the fake API server, in another
 //!   process, modifies one pod after another, minus its CPU over as long without events, per
-//!   event; isolated events (each scanned on its own) and a burst; target <= 1 ms. Also the
-//!   library's scan after one pod changed.
+//!   event; isolated events (each handled on its own) and a burst; target <= 1 ms.
 //! - `rover-agent run`'s RSS with no pod, then with every process of the 200 pods reported;
 //!   target: grows <= 10 MiB.
 //!

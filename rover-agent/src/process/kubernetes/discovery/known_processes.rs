@@ -49,6 +49,9 @@ pub(super) struct KnownProcesses {
     self_pid: u32,
     processes: HashMap<u32, KnownProcess>,
     by_container: HashMap<ContainerId, Vec<u32>>,
+    /// The most threads reads spread over: asked once (the standard library reads cgroup
+    /// files to answer, which costs more than a pod event's whole pass).
+    read_threads: usize,
 }
 
 /// One process to read, with what was known of it.
@@ -100,6 +103,9 @@ impl KnownProcesses {
             self_pid: std::process::id(),
             processes: HashMap::new(),
             by_container: HashMap::new(),
+            read_threads: std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(READ_THREADS_MAX),
         }
     }
 
@@ -232,9 +238,8 @@ impl KnownProcesses {
 
     /// Does `jobs`, on a few threads when there are many.
     fn read_all(&mut self, jobs: Vec<Job>) -> Vec<Outcome> {
-        let threads = std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .min(READ_THREADS_MAX)
+        let threads = self
+            .read_threads
             .min(jobs.len() / PARALLEL_READS_MIN)
             .max(1);
         if threads == 1 {
