@@ -37,7 +37,7 @@ pub struct EntityNames {
 
 /// One process as the backend sees it. Two entities are the same report exactly when they are
 /// equal: any change (names, properties) has to be re-reported.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ProcessEntity {
     /// Host pid (the thread-group id).
     pub pid: u32,

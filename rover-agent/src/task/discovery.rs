@@ -125,8 +125,7 @@ impl ProcessSources {
     }
 
     /// After the pods or Services changed: the changes of the pods' processes, without a pass
-    /// over `/proc`. Blocking.
-    /// The processes the kernel marked meanwhile are read first (a new pod's processes exec'd
+    /// over `/proc`. Blocking. The processes the kernel marked meanwhile are read first (a new pod's processes exec'd
     /// just before its containers' ids came): the marks are kept for the next scan.
     fn pods_changed(&mut self) -> ScanChanges {
         let changed = self.changed();

@@ -54,8 +54,10 @@ pub struct KubernetesDiscovery {
     dirty: HashSet<ContainerId>,
     /// The UID and resource version of each Service at the last update.
     services: Vec<(String, String)>,
-    /// The entities reported, by pid.
-    reported: HashMap<u32, ProcessEntity>,
+    /// A hash of each entity reported, by pid: enough to tell whether it changed (the
+    /// reporter keeps the entities themselves; a second copy here would cost more memory than
+    /// everything else known of the processes).
+    reported: HashMap<u32, u64>,
     /// The last naming generation given to a pod.
     generation: u64,
     scans: u32,
@@ -288,17 +290,14 @@ impl KubernetesDiscovery {
             }
         }
         for (pid, entity) in entities {
-            match self.reported.get(&pid) {
-                Some(old) if *old == entity => {}
+            let hash = entity_hash(&entity);
+            match self.reported.insert(pid, hash) {
+                Some(old) if old == hash => {}
                 Some(_) => {
                     changes.removed.push(pid);
-                    changes.added.push(entity.clone());
-                    self.reported.insert(pid, entity);
+                    changes.added.push(entity);
                 }
-                None => {
-                    changes.added.push(entity.clone());
-                    self.reported.insert(pid, entity);
-                }
+                None => changes.added.push(entity),
             }
         }
         changes.removed.sort_unstable();
@@ -502,6 +501,14 @@ fn containers_of(pod: &Pod) -> Vec<(ContainerId, &str)> {
 /// A pod's UID (its name for an object without one).
 fn pod_key(pod: &Pod) -> &str {
     pod.metadata.uid.as_deref().unwrap_or_else(|| pod_name(pod))
+}
+
+/// A hash of every field of `entity` (SipHash with fixed keys: the same in every run).
+fn entity_hash(entity: &ProcessEntity) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    entity.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn instance_of(names: &EntityNames) -> Instance {

@@ -411,7 +411,10 @@ fn names_stay_unique_across_pods_that_share_an_instance() {
 fn many_processes_read_on_several_threads_are_all_found() {
     let proc = FakeProc(tempfile::tempdir().unwrap());
     let count = 3 * known_processes::PARALLEL_READS_MIN as u32;
-    for pid in 1000..1000 + count {
+    // Above any real pid (`pid_max` is at most 2^22): the test's own pid, whose cgroup names the
+    // agent's own pod, must not be one of them.
+    let first = 5_000_000;
+    for pid in first..first + count {
         let container = if pid % 2 == 0 {
             CONTAINER_A
         } else {
@@ -437,7 +440,7 @@ fn many_processes_read_on_several_threads_are_all_found() {
     let mut discovery = discovery(&proc);
     let changes = discovery.scan(&snapshot, None).unwrap();
     let pids: Vec<u32> = changes.added.iter().map(|entity| entity.pid).collect();
-    assert_eq!(pids, (1000..1000 + count).collect::<Vec<_>>());
+    assert_eq!(pids, (first..first + count).collect::<Vec<_>>());
     // The oldest keeps the bare name; every name is unique.
     let names: HashSet<&str> = changes
         .added
