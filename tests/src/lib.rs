@@ -161,12 +161,37 @@ pub fn agent_binary() -> &'static Path {
         if !cfg!(debug_assertions) {
             build = build.release();
         }
+        // `cargo test` sets these for the test binary (they describe the tests crate). Passed on
+        // to this build, they differ from what `cargo test` itself ran with, and build scripts
+        // that watch them (ring's watches OUT_DIR and CARGO_PKG_NAME) rerun: every later
+        // `cargo test` and this build would then rebuild ring and all above it, for minutes.
+        // `cargo xtask test` strips the same ones from its `cargo test`.
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(describes_running_package) {
+                build = build.env_remove(key);
+            }
+        }
         build
             .run()
             .unwrap_or_else(|error| panic!("building rover-agent: {error}"))
             .path()
             .to_path_buf()
     })
+}
+
+/// A variable cargo sets for the package it runs (`cargo run`, `cargo test`).
+fn describes_running_package(key: &str) -> bool {
+    key == "OUT_DIR"
+        || [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
 }
 
 pub fn agent() -> Command {

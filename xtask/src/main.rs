@@ -121,10 +121,34 @@ pub(crate) fn target_dir() -> PathBuf {
     }
 }
 
+/// A cargo command run at `root`, without the variables `cargo run` set to describe xtask.
+/// Build scripts watch some of them (ring: `CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`), so a
+/// build run from here and one run by hand would each make the other rebuild ring and all
+/// above it. The integration tests build the agent the same way (`agent_binary`).
 pub(crate) fn cargo(root: &Path) -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
     command.current_dir(root);
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(describes_running_package) {
+            command.env_remove(key);
+        }
+    }
     command
+}
+
+/// A variable cargo sets for the package it runs (`cargo run`, `cargo test`).
+fn describes_running_package(key: &str) -> bool {
+    key == "OUT_DIR"
+        || [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
 }
 
 /// Prepares a child process: no stdin (nothing here is interactive), and without the library
