@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bpf;
 pub mod cli;
 pub mod config;
+mod heap;
 pub mod process;
 pub mod profile;
 pub mod symbolize;

@@ -53,6 +53,18 @@ fn names<K: kube::Resource>(objects: &[std::sync::Arc<K>]) -> Vec<String> {
         .collect()
 }
 
+/// The watch's snapshot sorted by namespace then name (the watch keeps no order), so that the
+/// tests can name pods by position.
+fn sorted_snapshot(watch: &PodWatch) -> ClusterSnapshot {
+    let mut snapshot = watch.snapshot();
+    let key = |meta: &kube::api::ObjectMeta| (meta.namespace.clone(), meta.name.clone());
+    snapshot.pods.sort_by_key(|pod| key(&pod.metadata));
+    snapshot
+        .services
+        .sort_by_key(|service| key(&service.metadata));
+    snapshot
+}
+
 fn describe(snapshot: &ClusterSnapshot) -> String {
     format!(
         "pods {:?}, services {:?}",
@@ -71,7 +83,7 @@ async fn wait_until(
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         changes.borrow_and_update();
-        let snapshot = watch.snapshot();
+        let snapshot = sorted_snapshot(watch);
         if condition(&snapshot) {
             return snapshot;
         }
@@ -137,7 +149,7 @@ async fn the_first_listing_holds_the_pods_of_this_node_and_the_services() {
 
     let (api_server, _dir) = connect(&fake).await;
     let watch = watch(&api_server, &[]).await;
-    let snapshot = watch.snapshot();
+    let snapshot = sorted_snapshot(&watch);
     assert_eq!(pod_names(&snapshot), ["pay/ledger-0", "shop/web-1"]);
     assert_eq!(names(&snapshot.services), ["pay/ledger", "shop/web"]);
 
@@ -214,8 +226,8 @@ async fn added_modified_and_deleted_objects_are_reflected() {
     let fake = FakeKube::start().expect("fake API server");
     let (api_server, _dir) = connect(&fake).await;
     let watch = watch(&api_server, &[]).await;
-    assert!(watch.snapshot().pods.is_empty());
-    assert!(watch.snapshot().services.is_empty());
+    assert!(sorted_snapshot(&watch).pods.is_empty());
+    assert!(sorted_snapshot(&watch).services.is_empty());
     let mut changes = watch.changes();
     changes.borrow_and_update();
 
@@ -307,7 +319,7 @@ async fn only_the_configured_namespaces_are_watched() {
     let (api_server, _dir) = connect(&fake).await;
     // Duplicates and blanks are ignored.
     let watch = watch(&api_server, &["shop", "pay", " ", "shop"]).await;
-    let snapshot = watch.snapshot();
+    let snapshot = sorted_snapshot(&watch);
     assert_eq!(pod_names(&snapshot), ["pay/ledger-0", "shop/web-1"]);
     assert_eq!(names(&snapshot.services), ["shop/web"]);
 
@@ -437,7 +449,10 @@ async fn changes_missed_while_the_history_was_compacted_come_from_the_new_listin
     fake.apply_service(fake_kube::service("shop", "web", &[("app", "web")]));
     let (api_server, _dir) = connect(&fake).await;
     let watch = watch(&api_server, &[]).await;
-    assert_eq!(pod_names(&watch.snapshot()), ["shop/web-1", "shop/web-2"]);
+    assert_eq!(
+        pod_names(&sorted_snapshot(&watch)),
+        ["shop/web-1", "shop/web-2"]
+    );
 
     // Down; meanwhile a pod is deleted, one added and one relabelled, and the history is
     // compacted: only a new listing can tell the watch, and it must replace, not merge.
@@ -518,7 +533,11 @@ async fn a_restarted_api_server_is_watched_again_from_where_the_watch_was() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(watch.snapshot().pods.len(), 2, "the last state is kept");
+    assert_eq!(
+        sorted_snapshot(&watch).pods.len(),
+        2,
+        "the last state is kept"
+    );
 
     // Changes made while it was down.
     fake.delete_pod("shop", "web-1").expect("pod web-1 existed");
@@ -589,7 +608,7 @@ async fn a_bookmark_moves_where_the_watch_resumes() {
         Some(bookmarked.to_string().as_str()),
         "{resumed}"
     );
-    assert_eq!(pod_names(&watch.snapshot()), ["shop/web-1"]);
+    assert_eq!(pod_names(&sorted_snapshot(&watch)), ["shop/web-1"]);
 }
 
 #[tokio::test]
@@ -611,14 +630,14 @@ async fn an_api_server_down_at_start_is_retried_until_it_answers() {
     );
     assert!(!watch.is_ready());
     assert!(!api_server.reachable());
-    assert!(watch.snapshot().pods.is_empty());
+    assert!(sorted_snapshot(&watch).pods.is_empty());
 
     fake.start_again().expect("restarted");
     watch
         .wait_until_ready(WAIT)
         .await
         .expect("listed once the server answers");
-    assert_eq!(pod_names(&watch.snapshot()), ["shop/web-1"]);
+    assert_eq!(pod_names(&sorted_snapshot(&watch)), ["shop/web-1"]);
     assert!(api_server.reachable());
 }
 

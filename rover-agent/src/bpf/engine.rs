@@ -33,6 +33,7 @@ use super::memory::MapCapacity;
 use super::profiler::{Profiler, ProfilerSettings};
 use super::targets::TargetOptions;
 use super::{Counters, Error, ProfilerKind, RawStack, Targets};
+use crate::heap::release_freed_memory;
 
 /// The shortest flush window: each window end drains the kernel.
 const MIN_WINDOW: Duration = Duration::from_millis(10);
@@ -925,12 +926,6 @@ impl<'g> EngineThread<'g> {
         self.profilers.clear();
         self.events = None;
     }
-}
-
-/// Gives the heap memory a moment of work freed back to the system.
-fn release_freed_memory() {
-    // SAFETY: glibc's malloc_trim only walks its own heap.
-    unsafe { libc::malloc_trim(0) };
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {

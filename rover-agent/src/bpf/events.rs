@@ -31,7 +31,7 @@ pub(super) struct ProcessEvents {
     filter: Array<MapData, u64>,
     watched: HashMap<MapData, u32, u8>,
     /// Until handed to process discovery (`track_changes`).
-    changed: Option<HashMap<MapData, u32, u8>>,
+    changes: Option<ProcessChanges>,
     counters: PerCpuArray<MapData, u64>,
     every_process: bool,
     /// False when the kernel's BTF did not give `task_struct::tgid`: no fork events then.
@@ -70,6 +70,7 @@ impl ProcessEvents {
         let filter = take(&mut ebpf, OBJECT, "FILTER", Array::try_from)?;
         let watched = take(&mut ebpf, OBJECT, "WATCHED", HashMap::try_from)?;
         let changed = take(&mut ebpf, OBJECT, "CHANGED", HashMap::try_from)?;
+        let marked = take(&mut ebpf, OBJECT, "MARKED", Array::try_from)?;
         let counters = take(&mut ebpf, OBJECT, "EVENT_COUNTERS", PerCpuArray::try_from)?;
         for (name, tracepoint) in [
             ("process_exec", "sched_process_exec"),
@@ -84,7 +85,7 @@ impl ProcessEvents {
             ring,
             filter,
             watched,
-            changed: Some(changed),
+            changes: Some(ProcessChanges { changed, marked }),
             counters,
             every_process: false,
             forks,
@@ -107,16 +108,17 @@ impl ProcessEvents {
     /// Starts marking execs and exits for process discovery, and hands it the set they are marked
     /// in. Once only: `None` when the set was handed out already.
     pub fn track_changes(&mut self) -> Result<Option<ProcessChanges>, Error> {
-        let Some(mut changed) = self.changed.take() else {
+        let Some(mut changes) = self.changes.take() else {
             return Ok(None);
         };
-        changed
+        changes
+            .changed
             .insert(OVERFLOW_KEY, 0, 0)
             .map_err(map_error("CHANGED", "update"))?;
         self.filter
             .set(1, 1, 0)
             .map_err(map_error("FILTER", "update"))?;
-        Ok(Some(ProcessChanges { changed }))
+        Ok(Some(changes))
     }
 
     /// Reports exec and exit of `pid`. The watch ends by itself when the process exits.
@@ -176,6 +178,8 @@ const OVERFLOW_KEY: u32 = 0;
 /// them (for process discovery: it re-reads those instead of every process).
 pub struct ProcessChanges {
     changed: HashMap<MapData, u32, u8>,
+    /// Non-zero: `changed` got a mark since the flag was cleared.
+    marked: Array<MapData, u32>,
 }
 
 /// What `ProcessChanges::take` found.
@@ -194,6 +198,17 @@ impl ProcessChanges {
     /// this returns sees its state after every change returned.
     pub fn take(&mut self) -> Result<ChangedProcesses, Error> {
         let mut changes = ChangedProcesses::default();
+        // Cleared before the walk: a mark made during it sets the flag again for the next call.
+        let marked = self
+            .marked
+            .get(&0, 0)
+            .map_err(map_error("MARKED", "lookup"))?;
+        if marked == 0 {
+            return Ok(changes);
+        }
+        self.marked
+            .set(0, 0, 0)
+            .map_err(map_error("MARKED", "update"))?;
         // Keys first: deleting while iterating would restart the walk.
         let keys: Vec<u32> = self
             .changed

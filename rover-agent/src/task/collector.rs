@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 use super::stacks::{Values, fold};
 use super::{ProfileWindow, TaskNotice, TaskSummary, WindowSink};
 use crate::bpf::{Counters, Delivery, RecordingId};
+use crate::heap::release_freed_memory;
 use crate::profile::Profile;
 use crate::symbolize::{ProcessTable, Symbolizer, SymbolizerConfig};
 
@@ -148,7 +149,7 @@ pub(super) fn run(
                 && symbolizer.retire(now)
             {
                 debug!(retired, "retired exited processes and unused binaries");
-                give_back_memory();
+                release_freed_memory();
             }
             last_retire = now;
         }
@@ -174,14 +175,8 @@ fn forget_everything_if_idle(
     let had_symbolizer = symbolizer.take().is_some();
     if processes.clear() || had_symbolizer {
         debug!("no task runs: process snapshots and symbol caches dropped");
-        give_back_memory();
+        release_freed_memory();
     }
-}
-
-/// Returns freed heap memory to the system (a big binary's parse is tens of MB).
-fn give_back_memory() {
-    // SAFETY: glibc's malloc_trim only walks its own heap.
-    unsafe { libc::malloc_trim(0) };
 }
 
 fn recording_of(delivery: &Delivery) -> RecordingId {

@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 use super::Agent;
 use crate::backend::{Backoff, ProcessReporter};
 use crate::bpf::ProcessChanges;
+use crate::heap::release_freed_memory;
 use crate::process::kubernetes::{ApiServer, KubernetesDiscovery, PodWatch};
 use crate::process::{HostRuleScanner, ScanChanges};
 
@@ -22,6 +23,8 @@ pub const DEFAULT_SCAN_PERIOD: Duration = Duration::from_secs(3);
 const POD_CHANGE_DELAY: Duration = Duration::from_millis(300);
 /// Retries after a failed heartbeat start here and double up to the heartbeat period.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// This many processes added and reported make the heartbeat give freed heap back.
+const MANY_ADDED: usize = 256;
 
 /// What finds this node's processes, as configured (validated, not started).
 pub struct NodeSources {
@@ -178,11 +181,13 @@ enum Pass {
 
 /// Runs `pass` on the sources off the async threads and hands the changes to the reporter;
 /// `None` when the pass panicked (discovery is off then).
+/// Runs one pass and hands its changes to the reporter. Returns the sources (`None` once a pass
+/// panicked) and how many processes were added.
 async fn run_pass(
     sources: ProcessSources,
     pass: Pass,
     reporter: &mut ProcessReporter,
-) -> Option<ProcessSources> {
+) -> (Option<ProcessSources>, usize) {
     let done = tokio::task::spawn_blocking(move || {
         let mut sources = sources;
         let changes = match pass {
@@ -196,7 +201,7 @@ async fn run_pass(
         Ok(done) => done,
         Err(error) => {
             warn!("the process scan panicked: {error}; discovery is off");
-            return None;
+            return (None, 0);
         }
     };
     if !changes.added.is_empty() || !changes.removed.is_empty() {
@@ -210,10 +215,11 @@ async fn run_pass(
     for pid in changes.removed {
         reporter.removed(pid);
     }
+    let added = changes.added.len();
     for entity in changes.added {
         reporter.added(entity);
     }
-    Some(sources)
+    (Some(sources), added)
 }
 
 /// Scans processes every `scan_period` (and the pods' processes soon after the pods change) and
@@ -232,6 +238,9 @@ pub async fn discover_and_report(
     let mut next_heartbeat = tokio::time::Instant::now();
     let mut backoff = Backoff::new(FIRST_RETRY, heartbeat);
     let mut failing = false;
+    // Processes added since the last heartbeat: many (the first scan of a busy node) leave
+    // megabytes of freed heap behind them once reported.
+    let mut added_since_heartbeat = 0;
     loop {
         // The time first: taking the sources when no pass is due would drop them.
         let now = tokio::time::Instant::now();
@@ -245,7 +254,9 @@ pub async fn discover_and_report(
         if let Some(pass) = pass
             && let Some(owned) = sources.take()
         {
-            sources = run_pass(owned, pass, &mut reporter).await;
+            let added;
+            (sources, added) = run_pass(owned, pass, &mut reporter).await;
+            added_since_heartbeat += added;
             // A scan covers the pods' changes too.
             pods_changed = None;
             if matches!(pass, Pass::Scan) {
@@ -261,6 +272,10 @@ pub async fn discover_and_report(
                     failing = false;
                     backoff.succeeded();
                     next_heartbeat = tokio::time::Instant::now() + heartbeat;
+                    if added_since_heartbeat >= MANY_ADDED {
+                        release_freed_memory();
+                    }
+                    added_since_heartbeat = 0;
                 }
                 Err(error) => {
                     if !failing {

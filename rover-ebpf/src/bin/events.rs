@@ -33,6 +33,10 @@ static FILTER: Array<u64> = Array::with_max_entries(2, 0);
 /// marked because the map was full, and discovery then re-reads everything.
 #[map]
 static CHANGED: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+/// Slot 0 turns non-zero when `CHANGED` got a mark (or overflowed): discovery clears it and
+/// walks `CHANGED` only then (a walk visits every bucket, full or not).
+#[map]
+static MARKED: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 #[map]
@@ -52,12 +56,19 @@ fn tracking_changes() -> bool {
 
 #[inline(always)]
 fn mark_changed(tgid: u32) {
-    if CHANGED.get_ptr(tgid).is_none()
-        && CHANGED.insert(tgid, 0u8, 0).is_err()
+    if CHANGED.get_ptr(tgid).is_some() {
+        return;
+    }
+    if CHANGED.insert(tgid, 0u8, 0).is_err()
         && let Some(overflowed) = CHANGED.get_ptr_mut(0u32)
     {
         // SAFETY: a value slot of our own map; one byte, written whole.
         unsafe { *overflowed = 1 };
+    }
+    // After the mark: whoever clears this flag and then walks `CHANGED` sees the mark.
+    if let Some(marked) = MARKED.get_ptr_mut(0) {
+        // SAFETY: a value slot of our own map; written whole.
+        unsafe { *marked = 1 };
     }
 }
 

@@ -116,6 +116,12 @@ impl Roots {
         process: true,
         rover: true,
     };
+    const PROCESS: Self = Self {
+        pod: false,
+        container: false,
+        process: true,
+        rover: false,
+    };
 
     /// The roots of a template (`{{...}}` actions in text), or with `expression` of a filter
     /// (one action without braces).
@@ -169,6 +175,17 @@ fn has_bare_dot(action: &str) -> bool {
 /// only valid for processes of that container while its pod and Service stay the same.
 pub struct ContainerRenders(Vec<Option<String>>);
 
+/// What the templates that read only `.Process` gave one process (by template id), so that a
+/// change of its pod does not render them again. Valid while the process is as it was read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessRenders(Vec<(usize, String)>);
+
+/// The caches a process's templates are rendered through.
+struct Renders<'a> {
+    container: &'a mut ContainerRenders,
+    process: &'a mut ProcessRenders,
+}
+
 /// The contexts of one process, each with only the parts some template reads, built when first
 /// asked for.
 struct Contexts<'a, 'b> {
@@ -213,14 +230,19 @@ impl KeyedTemplate {
     }
 
     /// The output for one process; taken from `renders` when the template reads no `.Process`
-    /// and another process of the container rendered it.
+    /// and another process of the container rendered it, or from `process_renders` when it
+    /// reads only `.Process` and rendered it before.
     fn render(
         &self,
         contexts: &mut Contexts<'_, '_>,
-        renders: &mut ContainerRenders,
+        renders: &mut Renders<'_>,
     ) -> Result<String, AnalyzeError> {
         let shared = !self.roots.process;
-        if shared && let Some(Some(output)) = renders.0.get(self.id) {
+        if shared && let Some(Some(output)) = renders.container.0.get(self.id) {
+            return Ok(output.clone());
+        }
+        let own = self.roots == Roots::PROCESS;
+        if own && let Some((_, output)) = renders.process.0.iter().find(|(id, _)| *id == self.id) {
             return Ok(output.clone());
         }
         let output = self
@@ -231,8 +253,13 @@ impl KeyedTemplate {
                 template: self.source.clone(),
                 source,
             })?;
-        if shared && let Some(slot) = renders.0.get_mut(self.id) {
+        if shared && let Some(slot) = renders.container.0.get_mut(self.id) {
             *slot = Some(output.clone());
+        }
+        if own {
+            // Kept for every process of the node: no spare capacity.
+            renders.process.0.reserve_exact(1);
+            renders.process.0.push((self.id, output.clone()));
         }
         Ok(output)
     }
@@ -241,7 +268,7 @@ impl KeyedTemplate {
     fn holds(
         &self,
         contexts: &mut Contexts<'_, '_>,
-        renders: &mut ContainerRenders,
+        renders: &mut Renders<'_>,
     ) -> Result<bool, AnalyzeError> {
         let output = self.render(contexts, renders)?;
         match output.as_str() {
@@ -314,20 +341,26 @@ impl Analyzers {
     /// The names the first active analyzer whose filters all hold gives the process; `None` when
     /// no analyzer holds. A template that fails (a filter included, as in Rover) leaves the
     /// process unnamed: it is not handed to a later analyzer. `renders` holds what templates
-    /// that read no `.Process` gave other processes of the same container.
+    /// that read no `.Process` gave other processes of the same container, `process_renders`
+    /// what those that read only `.Process` gave this process before.
     pub fn analyze(
         &self,
         input: &AnalyzerInput<'_>,
         renders: &mut ContainerRenders,
+        process_renders: &mut ProcessRenders,
     ) -> Result<Option<EntityNames>, AnalyzeError> {
         let mut contexts = Contexts {
             input,
             needs: self.pod_needs,
             built: Default::default(),
         };
+        let mut renders = Renders {
+            container: renders,
+            process: process_renders,
+        };
         for analyzer in self.analyzers.iter().filter(|analyzer| analyzer.active) {
-            if analyzer.filters_hold(&mut contexts, renders)? {
-                return analyzer.names(&mut contexts, renders).map(Some);
+            if analyzer.filters_hold(&mut contexts, &mut renders)? {
+                return analyzer.names(&mut contexts, &mut renders).map(Some);
             }
         }
         Ok(None)
@@ -365,7 +398,7 @@ impl Analyzer {
     fn filters_hold(
         &self,
         contexts: &mut Contexts<'_, '_>,
-        renders: &mut ContainerRenders,
+        renders: &mut Renders<'_>,
     ) -> Result<bool, AnalyzeError> {
         for filter in &self.filters {
             if !filter.holds(contexts, renders)? {
@@ -378,7 +411,7 @@ impl Analyzer {
     fn names(
         &self,
         contexts: &mut Contexts<'_, '_>,
-        renders: &mut ContainerRenders,
+        renders: &mut Renders<'_>,
     ) -> Result<EntityNames, AnalyzeError> {
         Ok(EntityNames {
             layer: self.layer.clone(),

@@ -9,6 +9,7 @@
 //! cannot say ([`known_processes`]).
 
 mod known_processes;
+mod pod_states;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ use crate::process::host_ip::InterfaceIps;
 use crate::process::host_rules::{HostFacts, ScanChanges, interfaces};
 use crate::process::rule_template::{ProcessValues, RoverValues};
 use known_processes::KnownProcesses;
+use pod_states::PodStates;
 
 /// A process can move to another cgroup without exec or exit (rare: runtimes place a
 /// container's first process before it execs its image): every this many scans, the cgroup of
@@ -49,7 +51,7 @@ pub struct KubernetesDiscovery {
     /// The agent's own container: its pod is never reported.
     own_container: Option<ContainerId>,
     /// What each pod's processes were last named for, by pod key ([`pod_key`]).
-    pods: HashMap<String, PodState>,
+    pods: PodStates,
     /// Containers whose processes changed since their pod's processes were last collected.
     dirty: HashSet<ContainerId>,
     /// The UID and resource version of each Service at the last update.
@@ -114,7 +116,7 @@ impl KubernetesDiscovery {
             proc_root,
             processes,
             own_container,
-            pods: HashMap::new(),
+            pods: PodStates::default(),
             dirty: HashSet::new(),
             services: Vec::new(),
             reported: HashMap::new(),
@@ -153,15 +155,19 @@ impl KubernetesDiscovery {
     /// processes of pods that changed (and of pods whose processes changed at the last scan) are
     /// looked at. Blocking.
     pub fn pods_changed(&mut self, snapshot: &ClusterSnapshot) -> ScanChanges {
-        let (mut work, live) = self.stale_pods(snapshot);
+        let (mut work, known_live) = self.stale_pods(snapshot);
         let mut changes = ScanChanges::default();
-        // Pods gone: their processes go.
-        let gone: Vec<String> = self
-            .pods
-            .keys()
-            .filter(|key| !live.contains_key(key.as_str()))
-            .cloned()
-            .collect();
+        // Pods gone: their processes go. Every pod known is live unless fewer were seen.
+        let gone: Vec<String> = if known_live == self.pods.len() {
+            Vec::new()
+        } else {
+            let live: HashSet<&str> = snapshot.pods.iter().map(|pod| pod_key(pod)).collect();
+            self.pods
+                .keys()
+                .filter(|key| !live.contains(key.as_str()))
+                .cloned()
+                .collect()
+        };
         let mut instances: HashSet<Instance> = HashSet::new();
         let mut old_pids: Vec<u32> = Vec::new();
         for key in gone {
@@ -177,6 +183,8 @@ impl KubernetesDiscovery {
         let mut named: Vec<NamedProcess> = Vec::new();
         let mut placed: HashMap<u32, Placed<'_>> = HashMap::new();
         let mut host_interfaces = None;
+        // Live pods by key, made only when pods sharing an instance must be collected.
+        let mut live: Option<HashMap<&str, &Pod>> = None;
         let mut done = 0;
         // Names are unique within an instance: pods sharing one with a changed pod (not with
         // Rover's shipped analyzers, whose instance is the pod) are collected again with it.
@@ -195,26 +203,27 @@ impl KubernetesDiscovery {
                 );
             }
             done = work.len();
-            let sharing: Vec<String> = self
+            let sharing: HashSet<String> = self
                 .pods
-                .iter()
-                .filter(|(key, state)| {
-                    !work.iter().any(|pod| pod.key == **key)
-                        && state
-                            .instances
-                            .iter()
-                            .any(|shared| instances.contains(shared))
-                })
-                .map(|(key, _)| key.clone())
+                .in_instances(&instances)
+                .filter(|key| !work.iter().any(|pod| pod.key == **key))
+                .cloned()
                 .collect();
             if sharing.is_empty() {
                 break;
             }
+            let live = live.get_or_insert_with(|| {
+                snapshot
+                    .pods
+                    .iter()
+                    .map(|pod| (pod_key(pod), pod.as_ref()))
+                    .collect()
+            });
             for key in sharing {
-                let Some(&pod) = live.get(key.as_str()) else {
+                let (Some(&pod), Some(state)) = (live.get(key.as_str()), self.pods.get(&key))
+                else {
                     continue;
                 };
-                let state = &self.pods[&key];
                 work.push(PodWork {
                     version: state.version.clone(),
                     generation: state.generation,
@@ -306,16 +315,14 @@ impl KubernetesDiscovery {
     }
 
     /// The pods whose processes must be collected again (new, changed, or with a container
-    /// whose processes changed), and every live pod by key. The agent's own pod is left out.
-    fn stale_pods<'a>(
-        &mut self,
-        snapshot: &'a ClusterSnapshot,
-    ) -> (Vec<PodWork<'a>>, HashMap<&'a str, &'a Pod>) {
+    /// whose processes changed), and how many live pods are known. The agent's own pod is left
+    /// out. Costs one lookup per unchanged pod: a pod event changes one pod of many.
+    fn stale_pods<'a>(&mut self, snapshot: &'a ClusterSnapshot) -> (Vec<PodWork<'a>>, usize) {
         let mut work = Vec::new();
-        let mut live = HashMap::with_capacity(snapshot.pods.len());
+        let mut known_live = 0;
         // Finding a pod's Service matches selectors against labels: skipped for a pod whose
         // object did not change while no Service did.
-        let services: Vec<(&str, &str)> = snapshot
+        let mut services: Vec<(&str, &str)> = snapshot
             .services
             .iter()
             .map(|service| {
@@ -326,6 +333,8 @@ impl KubernetesDiscovery {
                 )
             })
             .collect();
+        // The snapshot has no order.
+        services.sort_unstable();
         let services_unchanged = self.services.len() == services.len()
             && self.services.iter().zip(&services).all(
                 |((uid, version), (now_uid, now_version))| uid == now_uid && version == now_version,
@@ -339,22 +348,25 @@ impl KubernetesDiscovery {
         for pod in &snapshot.pods {
             let key = pod_key(pod);
             let state = self.pods.get(key);
-            let version = match state {
+            known_live += usize::from(state.is_some());
+            // `None`: the version its processes were named for (same object, no Service changed).
+            let new_version = match state {
                 Some(state)
                     if services_unchanged
                         && pod.metadata.resource_version.as_deref().unwrap_or_default()
                             == state.version.resource_version =>
                 {
-                    state.version.clone()
+                    None
                 }
-                _ => PodVersion::of(pod, snapshot.service_of(pod)),
+                _ => Some(PodVersion::of(pod, snapshot.service_of(pod))),
             };
             let unchanged = state.is_some_and(|state| {
-                state.version == version
+                new_version
+                    .as_ref()
+                    .is_none_or(|version| *version == state.version)
                     && !state.containers.iter().any(|id| self.dirty.contains(id))
             });
             if unchanged {
-                live.insert(key, pod.as_ref());
                 continue;
             }
             let containers = containers_of(pod);
@@ -365,7 +377,11 @@ impl KubernetesDiscovery {
             {
                 continue;
             }
-            live.insert(key, pod.as_ref());
+            let version = match (new_version, state) {
+                (Some(version), _) => version,
+                (None, Some(state)) => state.version.clone(),
+                (None, None) => PodVersion::of(pod, snapshot.service_of(pod)),
+            };
             let generation = match state {
                 Some(state) if state.version == version => state.generation,
                 _ => {
@@ -381,7 +397,7 @@ impl KubernetesDiscovery {
                 containers,
             });
         }
-        (work, live)
+        (work, known_live)
     }
 
     /// Names the processes of `pod` (rendering only those not named under its generation) into
@@ -431,15 +447,22 @@ impl KubernetesDiscovery {
                                 interfaces: interfaces.as_ref(),
                             },
                         };
-                        let names = match self.analyzers.analyze(&input, &mut renders) {
-                            Ok(names) => names,
-                            Err(error) => {
-                                if self.warned.insert(error.key().to_owned()) {
-                                    warn!("process {pid} of pod {}: {error}", pod_name(pod.pod));
+                        let names =
+                            match self
+                                .analyzers
+                                .analyze(&input, &mut renders, &mut process.renders)
+                            {
+                                Ok(names) => names,
+                                Err(error) => {
+                                    if self.warned.insert(error.key().to_owned()) {
+                                        warn!(
+                                            "process {pid} of pod {}: {error}",
+                                            pod_name(pod.pod)
+                                        );
+                                    }
+                                    None
                                 }
-                                None
-                            }
-                        };
+                            };
                         process.named = Some((pod.generation, names.clone()));
                         names
                     }

@@ -24,7 +24,8 @@ use super::api_server::ApiServer;
 use super::reachability::Reachability;
 use super::service_match::service_of_pod;
 
-/// What the watch holds at one moment, sorted by namespace then name.
+/// What the watch holds at one moment, in no particular order (sorting it cost more than a pod
+/// event's whole pass: nothing that reads it depends on the order).
 #[derive(Clone, Debug, Default)]
 pub struct ClusterSnapshot {
     pub pods: Vec<Arc<Pod>>,
@@ -119,8 +120,8 @@ impl PodWatch {
     /// The pods and Services as last seen.
     pub fn snapshot(&self) -> ClusterSnapshot {
         ClusterSnapshot {
-            pods: sorted(&self.pods),
-            services: sorted(&self.services),
+            pods: self.pods.iter().flat_map(Store::state).collect(),
+            services: self.services.iter().flat_map(Store::state).collect(),
         }
     }
 
@@ -253,18 +254,6 @@ fn changes_the_store<K>(event: &watcher::Event<K>) -> bool {
         event,
         watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone
     )
-}
-
-fn sorted<K>(stores: &[Store<K>]) -> Vec<Arc<K>>
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-{
-    let mut objects: Vec<Arc<K>> = stores.iter().flat_map(Store::state).collect();
-    objects.sort_by(|a, b| {
-        (a.meta().namespace.as_deref(), a.meta().name.as_deref())
-            .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
-    });
-    objects
 }
 
 /// A DNS subdomain (RFC 1123), as node names are: also what keeps the field selector intact

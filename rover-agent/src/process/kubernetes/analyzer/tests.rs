@@ -166,6 +166,16 @@ impl ProcessFixture {
     }
 }
 
+/// The agent's values in every fixture.
+fn rover_values(interfaces: &HashMap<String, InterfaceIps>) -> RoverValues<'_> {
+    RoverValues {
+        instance_id: "agent-uuid",
+        host_name: "node-1.example",
+        host_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+        interfaces: Some(interfaces),
+    }
+}
+
 fn interfaces() -> HashMap<String, InterfaceIps> {
     HashMap::from([(
         "eth0".to_owned(),
@@ -189,14 +199,13 @@ fn analyze(
         service,
         container_name,
         process: process.values(),
-        rover: RoverValues {
-            instance_id: "agent-uuid",
-            host_name: "node-1.example",
-            host_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
-            interfaces: Some(&interfaces),
-        },
+        rover: rover_values(&interfaces),
     };
-    analyzers.analyze(&input, &mut analyzers.container_renders())
+    analyzers.analyze(
+        &input,
+        &mut analyzers.container_renders(),
+        &mut ProcessRenders::default(),
+    )
 }
 
 fn names(layer: &str, service: &str, instance: &str, process: &str, label: &str) -> EntityNames {
@@ -814,14 +823,12 @@ fn processes_of_one_container_share_what_reads_no_process() {
             service: Some(&service),
             container_name: "app",
             process: process.values(),
-            rover: RoverValues {
-                instance_id: "agent-uuid",
-                host_name: "node-1.example",
-                host_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
-                interfaces: Some(&interfaces),
-            },
+            rover: rover_values(&interfaces),
         };
-        let named = analyzers.analyze(&input, &mut renders).unwrap().unwrap();
+        let named = analyzers
+            .analyze(&input, &mut renders, &mut ProcessRenders::default())
+            .unwrap()
+            .unwrap();
         names.push((named.service_name, named.instance_name, named.process_name));
     }
     assert_eq!(
@@ -835,4 +842,51 @@ fn processes_of_one_container_share_what_reads_no_process() {
             ),
         ]
     );
+}
+
+#[test]
+fn what_reads_only_the_process_is_rendered_once_per_process() {
+    // The process name reads only `.Process`: kept across pod changes. The instance name reads
+    // the pod and the process: rendered again for each pod.
+    let analyzers = Analyzers::new(&[analyzer(
+        &[],
+        "{{.Pod.Name}}",
+        "{{.Pod.Name}}-{{.Process.Pid}}",
+        "{{.Process.ExeName}}",
+    )])
+    .unwrap();
+    let process = ProcessFixture::new(10, "java", &["java"]);
+    let interfaces = interfaces();
+    let mut process_renders = ProcessRenders::default();
+    let mut names = Vec::new();
+    for pod_name in ["cart-1", "cart-2"] {
+        let pod = pod(json!({"metadata": {"name": pod_name, "namespace": "shop"}}));
+        let input = AnalyzerInput {
+            pod: &pod,
+            service: None,
+            container_name: "app",
+            process: process.values(),
+            rover: rover_values(&interfaces),
+        };
+        let named = analyzers
+            .analyze(
+                &input,
+                &mut analyzers.container_renders(),
+                &mut process_renders,
+            )
+            .unwrap()
+            .unwrap();
+        names.push((named.service_name, named.instance_name, named.process_name));
+        // Only the process name is kept.
+        assert_eq!(
+            process_renders
+                .0
+                .iter()
+                .map(|(_, output)| output.as_str())
+                .collect::<Vec<_>>(),
+            ["java"]
+        );
+    }
+    let expected = |pod: &str| (pod.to_owned(), format!("{pod}-10"), "java".to_owned());
+    assert_eq!(names, [expected("cart-1"), expected("cart-2")]);
 }

@@ -13,6 +13,7 @@ use tracing::debug;
 
 use super::DiscoveryError;
 use crate::process::cgroup::{CgroupReader, ContainerId};
+use crate::process::kubernetes::analyzer::ProcessRenders;
 use crate::process::proc_files::{
     CommandLine, can_open_exe, exe_name, read_command_line, read_stat,
 };
@@ -40,6 +41,8 @@ pub(super) struct ContainerProcess {
     /// The names last rendered, and for which generation of the pod's naming (see
     /// `PodState::generation`); `None` inside: no analyzer named it.
     pub(super) named: Option<(u64, Option<crate::process::entity::EntityNames>)>,
+    /// What the templates that read only `.Process` gave it, for any generation.
+    pub(super) renders: ProcessRenders,
 }
 
 /// Every process of the host, by pid and by container.
@@ -326,18 +329,20 @@ fn read_process(proc_root: &Path, cgroups: &mut CgroupReader, job: Job) -> Outco
                 return Outcome::skipped(pid, before);
             };
             // Read again, the same: the names given stay valid.
-            let named = before
+            let (named, renders) = before
                 .as_ref()
                 .filter(|_| same)
                 .and_then(|known| known.container.as_ref())
                 .filter(|old| old.id == id && old.command_line == command_line)
-                .and_then(|old| old.named.clone());
+                .map(|old| (old.named.clone(), old.renders.clone()))
+                .unwrap_or_default();
             Some(ContainerProcess {
                 exe_name: exe_name(&stat.comm, command_line.argv0()),
                 id,
                 command_line,
                 profilable: can_open_exe(&proc_dir),
                 named,
+                renders,
             })
         }
         None => None,
