@@ -222,6 +222,50 @@ pub mod event_counter {
 }
 
 const _: () = assert!(core::mem::size_of::<StackKey>() == 24);
+/// Deepest cgroup path a [`TaskRecord`] carries, counted from the process's own cgroup up.
+pub const TASK_CGROUP_DEPTH: usize = 8;
+/// Longest cgroup name a [`TaskRecord`] carries, its NUL included (a container's
+/// `cri-containerd-<64 hex>.scope` is 86 bytes).
+pub const TASK_CGROUP_NAME_LEN: usize = 128;
+
+/// One process as the task iterator (`rover-ebpf/src/bin/tasks.rs`) lists it: what process
+/// discovery would otherwise read from `/proc/PID/stat` and `/proc/PID/cgroup`, for every
+/// process in one read, and where its arguments are.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TaskRecord {
+    /// The process (TGID) in the initial PID namespace.
+    pub pid: u32,
+    /// `task_struct::flags` (`PF_*`).
+    pub flags: u32,
+    /// `task_struct::exit_state`: non-zero for a zombie or dead process.
+    pub exit_state: u32,
+    pub _pad: u32,
+    /// `task_struct::start_boottime`: nanoseconds after boot, suspend included.
+    pub start_boottime_ns: u64,
+    /// `task_struct::comm`, NUL-padded.
+    pub comm: [u8; 16],
+    /// Where the process's arguments are in its memory (`mm_struct::arg_start`, `arg_end`);
+    /// zero without memory (a kernel thread, an exiting process).
+    pub arg_start: u64,
+    pub arg_end: u64,
+    /// The cgroup on the unified (v2) hierarchy, then on one v1 controller's hierarchy.
+    pub cgroups: [TaskCgroup; 2],
+}
+
+/// A cgroup's path, as the names of its directories from its own up to the hierarchy's root
+/// (whose name is left out).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TaskCgroup {
+    /// How many of `names` hold a name, innermost first.
+    pub depth: u32,
+    /// Non-zero: the path is whole (not deeper than [`TASK_CGROUP_DEPTH`], no name cut).
+    pub complete: u32,
+    /// NUL-terminated.
+    pub names: [[u8; TASK_CGROUP_NAME_LEN]; TASK_CGROUP_DEPTH],
+}
+
 const _: () = assert!(core::mem::size_of::<UserStack>() == 8 * (MAX_USER_FRAMES + 1));
 const _: () = assert!(core::mem::size_of::<KernelStack>() == 8 * (MAX_KERNEL_FRAMES + 1));
 const _: () = assert!(core::mem::size_of::<OffCpuValue>() == 24);
@@ -229,6 +273,9 @@ const _: () = assert!(core::mem::size_of::<TargetOptions>() == 16);
 const _: () = assert!(core::mem::size_of::<RecentTarget>() == 32);
 const _: () = assert!(core::mem::size_of::<OffCpuThread>() == 64 + 8 * (MAX_USER_FRAMES + 1));
 const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 12);
+const _: () = assert!(
+    core::mem::size_of::<TaskRecord>() == 56 + 2 * (8 + TASK_CGROUP_DEPTH * TASK_CGROUP_NAME_LEN)
+);
 
 #[cfg(feature = "user")]
 mod pod {

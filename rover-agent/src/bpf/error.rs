@@ -91,6 +91,15 @@ pub enum Error {
          a kernel built with CONFIG_DEBUG_INFO_BTF=y"
     )]
     KernelBtf(#[source] aya::BtfError),
+    #[error("the kernel's BTF does not tell the task iterator where to read: {0}")]
+    KernelLayout(String),
+    #[error("reading the task iterator failed")]
+    TaskList(#[source] io::Error),
+    #[error(
+        "the task iterator's pids are not this agent's: it runs in a PID namespace of its own \
+         (run it with the host's PID namespace, `hostPID: true`)"
+    )]
+    ForeignPidNamespace,
     #[error("attaching `{program}` to the tracepoint {tracepoint} failed")]
     AttachTracepoint {
         program: &'static str,

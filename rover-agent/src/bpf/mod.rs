@@ -18,6 +18,7 @@ mod object;
 mod privilege;
 mod profiler;
 mod targets;
+mod task_list;
 
 pub use counters::Counters;
 pub use engine::{Delivery, Engine, EngineStatus, RecordingId, RecordingSpec};
@@ -28,6 +29,7 @@ pub use memory::{DEFAULT_MAP_MEMORY_BYTES, MIN_MAP_MEMORY_BYTES, MapCapacity};
 pub use privilege::{Privilege, check_privilege, require_privilege};
 pub use profiler::ProfilerSettings;
 pub use targets::TargetOptions;
+pub use task_list::TaskList;
 
 /// The two profilers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

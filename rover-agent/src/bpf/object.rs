@@ -26,6 +26,14 @@ pub(super) fn events() -> Result<&'static [u8], Error> {
     )
 }
 
+/// The task iterator (`rover-ebpf/src/bin/tasks.rs`).
+pub(super) fn tasks() -> Result<&'static [u8], Error> {
+    embedded(
+        "tasks",
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tasks")),
+    )
+}
+
 fn embedded(object: &'static str, bytes: &'static [u8]) -> Result<&'static [u8], Error> {
     if bytes.is_empty() {
         return Err(Error::ObjectNotEmbedded { object });

@@ -400,13 +400,22 @@ impl CgroupReader {
             Err(error) if is_vanished_process(&error) => return Ok(None),
             Err(source) => return Err(Error::Read { path, source }),
         }
-        let identity = parse_lines(&self.buffer, |line| {
+        let text = std::mem::take(&mut self.buffer);
+        let identity = self.identify(pid, &text);
+        self.buffer = text;
+        Ok(Some(identity))
+    }
+
+    /// The cgroup identity of process `pid` from its cgroup file's text, got some other way
+    /// (the kernel's task iterator); unknown lines are logged and counted as [`Self::read`] does.
+    pub fn identify(&mut self, pid: u32, text: &[u8]) -> CgroupIdentity {
+        let identity = parse_lines(text, |line| {
             tracing::debug!(pid, line, "ignoring a cgroup line in an unknown form");
         });
         self.unrecognized_lines = self
             .unrecognized_lines
             .saturating_add(u64::from(identity.unrecognized_lines));
-        Ok(Some(identity))
+        identity
     }
 
     /// Lines in an unknown form that all reads so far ignored (the self-metric).

@@ -6,12 +6,13 @@ pub mod entity;
 pub mod host_ip;
 pub mod host_rules;
 pub mod kubernetes;
-mod proc_files;
+pub(crate) mod proc_files;
 mod rule_template;
 
 pub use cgroup::{CgroupIdentity, CgroupReader, ContainerId, PodUid};
 pub use entity::{EntityIdentity, EntityNames, PodPlacement, ProcessEntity, ProcessOrigin};
 pub use host_rules::{HostFacts, HostRuleScanner, ScanChanges};
+pub use proc_files::{ListedProcess, ProcessList};
 pub use rule_template::{ProcessValues, RoverValues};
 
 /// Whether `pid` is a running process (not gone, not a zombie waiting to be reaped).

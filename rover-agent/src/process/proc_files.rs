@@ -2,6 +2,7 @@
 //! Kubernetes pods alike.
 
 use std::fs;
+use std::ops::Range;
 use std::path::Path;
 
 /// The fields of `/proc/PID/stat` a scan needs.
@@ -79,22 +80,61 @@ impl CommandLine {
 
 /// `/proc/PID/cmdline`; `None` when the process vanished.
 pub(crate) fn read_command_line(proc_dir: &Path) -> Option<CommandLine> {
-    let cmdline = fs::read(proc_dir.join("cmdline")).ok()?;
-    let mut text = String::with_capacity(cmdline.len());
-    let mut argv0_len = None;
-    for arg in cmdline
-        .strip_suffix(b"\0")
-        .unwrap_or(&cmdline)
-        .split(|byte| *byte == 0)
-    {
-        if argv0_len.is_some() {
-            text.push(' ');
-        }
-        text.push_str(&String::from_utf8_lossy(arg));
-        argv0_len.get_or_insert(text.len());
+    fs::read(proc_dir.join("cmdline"))
+        .ok()
+        .map(|cmdline| CommandLine::from_cmdline(&cmdline))
+}
+
+/// The longest argument area read from a process's memory; a longer one is read from `cmdline`.
+const ARGUMENTS_MAX: usize = 64 * 1024;
+
+/// The command line read from process `pid`'s memory at `arguments` (where the kernel's task
+/// iterator says its arguments are): one system call where `cmdline` costs three and a path
+/// walk. `None` when that cannot tell (no permission, an area the process rewrote, which
+/// `cmdline` reads on from into the environment, an empty or long one): read `cmdline` then.
+pub(crate) fn read_arguments(pid: u32, arguments: Range<u64>) -> Option<CommandLine> {
+    let len = usize::try_from(arguments.end.checked_sub(arguments.start)?).ok()?;
+    if len == 0 || len > ARGUMENTS_MAX {
+        return None;
     }
-    let argv0_len = argv0_len.unwrap_or(0);
-    Some(CommandLine { text, argv0_len })
+    let mut buffer = vec![0u8; len];
+    let local = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: arguments.start as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: `local` covers `buffer`, ours and `len` bytes long; the kernel checks `remote`
+    // against the other process's memory.
+    let read =
+        unsafe { libc::process_vm_readv(i32::try_from(pid).ok()?, &local, 1, &remote, 1, 0) };
+    if usize::try_from(read).ok() != Some(len) || buffer.last() != Some(&0) {
+        return None;
+    }
+    Some(CommandLine::from_cmdline(&buffer))
+}
+
+impl CommandLine {
+    /// From the argument area as `cmdline` gives it: NUL-terminated arguments.
+    fn from_cmdline(cmdline: &[u8]) -> Self {
+        let mut text = String::with_capacity(cmdline.len());
+        let mut argv0_len = None;
+        for arg in cmdline
+            .strip_suffix(b"\0")
+            .unwrap_or(cmdline)
+            .split(|byte| *byte == 0)
+        {
+            if argv0_len.is_some() {
+                text.push(' ');
+            }
+            text.push_str(&String::from_utf8_lossy(arg));
+            argv0_len.get_or_insert(text.len());
+        }
+        let argv0_len = argv0_len.unwrap_or(0);
+        Self { text, argv0_len }
+    }
 }
 
 /// Whether the agent may open the process's executable (through `/proc/PID/exe`), which it
@@ -115,4 +155,59 @@ pub(crate) fn exe_name(comm: &str, argv0: &str) -> String {
         Some(name) if comm.len() >= COMM_MAX && name.starts_with(comm) => name.to_owned(),
         _ => comm.to_owned(),
     }
+}
+
+/// A process as a list of every process gives it (the kernel's task iterator): the fields of its
+/// `stat` a scan needs, the text its `/proc/PID/cgroup` would have, when the list could tell it
+/// whole (else the file is read), and where its arguments are in its memory.
+pub struct ListedProcess {
+    pub(crate) pid: u32,
+    pub(crate) stat: Stat,
+    pub(crate) cgroup_file: Option<String>,
+    pub(crate) arguments: Range<u64>,
+}
+
+/// What the list says, for tests that hold it against procfs.
+impl ListedProcess {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn comm(&self) -> &str {
+        &self.stat.comm
+    }
+
+    /// Clock ticks after boot, as `stat`'s field 22.
+    pub fn start_time(&self) -> u64 {
+        self.stat.start_time
+    }
+
+    pub fn is_kernel_thread(&self) -> bool {
+        self.stat.is_kernel_thread()
+    }
+
+    /// A zombie or dead process.
+    pub fn is_gone(&self) -> bool {
+        self.stat.is_gone()
+    }
+
+    /// What the cgroup paths listed say; `None` when they were not whole.
+    pub fn cgroup_identity(&self) -> Option<super::CgroupIdentity> {
+        self.cgroup_file
+            .as_deref()
+            .map(|text| super::cgroup::parse_cgroup_file(text.as_bytes()))
+    }
+
+    /// The command line read where the list says the arguments are (`None`: `cmdline` would be
+    /// read instead).
+    pub fn command_line(&self) -> Option<String> {
+        read_arguments(self.pid, self.arguments.clone()).map(|line| line.as_str().to_owned())
+    }
+}
+
+/// Lists every process at once, where reading each process's `stat` and `cgroup` costs six
+/// system calls per process.
+pub trait ProcessList: Send {
+    /// Every process of the host (thread-group leaders).
+    fn list(&mut self) -> anyhow::Result<Vec<ListedProcess>>;
 }

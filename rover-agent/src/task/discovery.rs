@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::Agent;
 use crate::backend::{Backoff, ProcessReporter};
-use crate::bpf::ProcessChanges;
+use crate::bpf::{ProcessChanges, TaskList};
 use crate::heap::release_freed_memory;
 use crate::process::kubernetes::{ApiServer, KubernetesDiscovery, PodWatch};
 use crate::process::{HostRuleScanner, ScanChanges};
@@ -55,7 +55,17 @@ impl ProcessSources {
     /// only when there is no API server to talk to at all.
     pub async fn start(sources: NodeSources, agent: &Agent) -> anyhow::Result<Self> {
         let kubernetes = match sources.kubernetes {
-            Some(source) => {
+            Some(mut source) => {
+                // Loading parses the kernel's BTF: off the async threads.
+                match tokio::task::spawn_blocking(TaskList::load).await {
+                    Ok(Ok(list)) => source.discovery.list_processes_with(Box::new(list)),
+                    Ok(Err(error)) => info!(
+                        "full process scans read each process's files: the kernel's task \
+                         iterator is not available: {:#}",
+                        anyhow::Error::from(error)
+                    ),
+                    Err(error) => warn!("loading the task iterator: {error}"),
+                }
                 let server = ApiServer::infer()
                     .await
                     .context("process_discovery.kubernetes.active")?;

@@ -9,17 +9,18 @@
 //! lookup). Analyzers: those shipped in `configs/rover.yaml`.
 //!
 //! - `discovery-bench scan [--pods 200] [--per-container 10] [--iterations 20]`: the library's
-//!   `KubernetesDiscovery::scan` with every process read (`changed: None`): a cold scan (a new
-//!   discovery: every process new, its cgroup and command line read, names rendered), a warm one
-//!   (nothing changed since the previous scan: every process's `stat` read), the periodic scan
+//!   `KubernetesDiscovery::scan` with every process read (`changed: None`), listed through the
+//!   task iterator as the agent does: a cold scan (a new discovery: every process new, its
+//!   cgroup and command line read, names rendered), a warm one (nothing changed since the
+//!   previous scan: every process listed, none read), the periodic scan
 //!   when the kernel marks exec/exit and none happened (`changed: Some(empty)`), and the pass
 //!   after one pod changed (`pods_changed`, as the agent runs it on a watch event). Checks that
 //!   every process is found. Prints `scan ...` with medians and maxima.
 //! - `discovery-bench agent --agent PATH [...]`: `rover-agent run` with Kubernetes discovery,
 //!   the fake OAP here and the fake API server in a child process (`discovery-bench fake-kube`),
 //!   so that serving the events costs the agent's side nothing. RSS once the agent is up with
-//!   no pod, then once all processes of all pods are reported; the agent's CPU (`/proc/PID/stat`)
-//!   while one pod after another is modified, minus its CPU over as long without events:
+//!   no pod, then once all processes of all pods are reported; the agent's CPU (its cgroup's
+//!   `cpu.stat`) while one pod after another is modified, minus its CPU over as long without events:
 //!   isolated events (each scanned on its own) and a burst (scans coalesce). Prints `agent ...`.
 //! - `discovery-bench fake-kube --kubeconfig PATH [--pods 200]`: the fake API server with the
 //!   node's Services and pods (applied on `apply`), driven by lines on stdin (see [`fake_kube`]).
@@ -34,11 +35,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
 use integration_tests::cgroups::{CgroupLayout, TestCgroups};
-use integration_tests::cpu_time::{own_cpu, process_cpu};
+use integration_tests::cpu_time::own_cpu;
 use integration_tests::fake_kube::{self, FakeKube, Kind, RecordedRequest, hex64};
 use integration_tests::fake_oap::{FakeOap, Recorded};
 use integration_tests::node_agent::{KubernetesConfig, NodeAgent, NodeConfig};
 use k8s_openapi::api::core::v1::{Pod, Service};
+use rover_agent::bpf::TaskList;
 use rover_agent::config::Settings;
 use rover_agent::process::HostFacts;
 use rover_agent::process::kubernetes::analyzer::Analyzers;
@@ -193,11 +195,12 @@ fn shipped_analyzers() -> anyhow::Result<Analyzers> {
 
 fn new_discovery() -> anyhow::Result<KubernetesDiscovery> {
     let facts = HostFacts::detect(None, None, "discovery-bench".to_owned())?;
-    Ok(KubernetesDiscovery::new(
-        shipped_analyzers()?,
-        facts,
-        "/proc",
-    ))
+    let mut discovery = KubernetesDiscovery::new(shipped_analyzers()?, facts, "/proc");
+    // As the agent does: full scans list processes through the kernel's task iterator.
+    discovery.list_processes_with(Box::new(
+        TaskList::load().context("loading the task iterator")?,
+    ));
+    Ok(discovery)
 }
 
 fn snapshot(pods: &[Pod], services: &[Service]) -> ClusterSnapshot {
@@ -484,7 +487,6 @@ fn own_rss_kib() -> anyhow::Result<u64> {
 /// What `/proc/PID` says of the agent.
 #[derive(Clone, Copy, Debug)]
 struct AgentSample {
-    cpu: Duration,
     rss_kib: u64,
     peak_rss_kib: u64,
 }
@@ -500,7 +502,6 @@ fn sample(pid: u32) -> anyhow::Result<AgentSample> {
             .unwrap_or(0)
     };
     Ok(AgentSample {
-        cpu: process_cpu(pid)?,
         rss_kib: kib("VmRSS:"),
         peak_rss_kib: kib("VmHWM:"),
     })
@@ -519,24 +520,76 @@ fn k8s_pids(recorded: &Recorded) -> HashSet<u32> {
         .collect()
 }
 
+/// The agent's cgroup (made below the test cgroups' root), for its CPU time to the
+/// microsecond, threads that ended included (`/proc/PID/stat` counts 10 ms ticks, coarser than
+/// one pod event's cost). Removed on drop, after the agent ended.
+struct AgentCgroup(PathBuf);
+
+impl AgentCgroup {
+    fn create(cgroups: &TestCgroups) -> anyhow::Result<Self> {
+        let dir = cgroups.root().join("agent");
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    fn enter(&self, pid: u32) -> anyhow::Result<()> {
+        let procs = self.0.join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string())
+            .with_context(|| format!("moving the agent into {}", self.0.display()))
+    }
+
+    /// CPU time of everything in the cgroup (`cpu.stat`'s `usage_usec`).
+    fn cpu(&self) -> anyhow::Result<Duration> {
+        let path = self.0.join("cpu.stat");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let usec = text
+            .lines()
+            .find_map(|line| line.strip_prefix("usage_usec "))
+            .and_then(|value| value.trim().parse().ok())
+            .with_context(|| format!("no usage_usec in {}", path.display()))?;
+        Ok(Duration::from_micros(usec))
+    }
+}
+
+impl Drop for AgentCgroup {
+    fn drop(&mut self) {
+        // The agent was killed just before: it leaves the cgroup as it exits.
+        for _ in 0..200 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("discovery-bench: could not remove {}", self.0.display());
+    }
+}
+
+/// The agent's heartbeat (set below) and its process scan period (3 s) both divide this.
+const PERIODIC_CYCLE: Duration = Duration::from_secs(15);
+
 /// The agent's CPU while `fake` makes `count` modifications `interval` apart, minus its CPU
 /// over as long without any; and the two figures.
 fn event_cost(
     agent: &mut NodeAgent,
+    cpu: &AgentCgroup,
     fake: &mut FakeKubeProcess,
     count: usize,
     interval: Duration,
 ) -> anyhow::Result<(Duration, Duration, Duration)> {
-    // The last event's scan comes 300 ms after it: a second more for both windows.
-    let window = interval * u32::try_from(count)? + Duration::from_secs(1);
-    let before = sample(agent.pid())?.cpu;
+    // The last event's scan comes 300 ms after it: a second more for both windows; then up to
+    // whole cycles of the periodic work, so that both windows hold as many heartbeats and scans.
+    let needed = interval * u32::try_from(count)? + Duration::from_secs(1);
+    let cycles = needed.as_secs_f64() / PERIODIC_CYCLE.as_secs_f64();
+    let window = PERIODIC_CYCLE * (cycles.ceil() as u32);
+    let before = cpu.cpu()?;
     std::thread::sleep(window);
-    let idle = sample(agent.pid())?.cpu.saturating_sub(before);
-    let before = sample(agent.pid())?.cpu;
+    let idle = cpu.cpu()?.saturating_sub(before);
+    let before = cpu.cpu()?;
     let started = Instant::now();
     fake.ask(&format!("modify {count} {}", interval.as_millis()))?;
     std::thread::sleep(window.saturating_sub(started.elapsed()));
-    let busy = sample(agent.pid())?.cpu.saturating_sub(before);
+    let busy = cpu.cpu()?.saturating_sub(before);
     ensure!(
         agent.exited().is_none(),
         "the agent exited during the events"
@@ -567,7 +620,7 @@ fn agent_costs(
     // Rover's default periods but the heartbeat, 5 s instead of 20 s for a shorter bench, and
     // the full re-report of every process (every 10th heartbeat in Rover's config): periodic
     // work of the node, not of pod events, which would land in one of the two windows
-    // `event_cost` compares (41 s each) and not in the other.
+    // `event_cost` compares (45 s each) and not in the other.
     config.heartbeat_period = "5s".to_owned();
     config.properties_report_period = 1000;
     config.check_interval = "10s".to_owned();
@@ -575,7 +628,10 @@ fn agent_costs(
     config.dump_period = "9ms".to_owned();
     config.log_level = "warn".to_owned();
     config.kubernetes = Some(KubernetesConfig::new(NODE, &kubeconfig));
+    let mut cgroups = TestCgroups::create()?;
+    let agent_cgroup = AgentCgroup::create(&cgroups)?;
     let mut agent = NodeAgent::start_with(agent_binary, &config, &[]);
+    agent_cgroup.enter(agent.pid())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -600,7 +656,6 @@ fn agent_costs(
     );
 
     // Every process of every pod reported.
-    let mut cgroups = TestCgroups::create()?;
     let pids = start_processes(&mut cgroups, pods, per_container)?;
     let applied = Instant::now();
     fake_kube.ask("apply")?;
@@ -641,6 +696,7 @@ fn agent_costs(
     eprintln!("discovery-bench: {isolated_events} isolated pod events, 400 ms apart");
     let (isolated, isolated_busy, isolated_idle) = event_cost(
         &mut agent,
+        &agent_cgroup,
         &mut fake_kube,
         isolated_events,
         Duration::from_millis(400),
@@ -648,6 +704,7 @@ fn agent_costs(
     eprintln!("discovery-bench: {burst_events} pod events, 10 ms apart");
     let (burst, burst_busy, burst_idle) = event_cost(
         &mut agent,
+        &agent_cgroup,
         &mut fake_kube,
         burst_events,
         Duration::from_millis(10),
@@ -657,24 +714,25 @@ fn agent_costs(
         "processes were lost"
     );
     drop(agent);
+    drop(agent_cgroup);
     drop(cgroups);
 
     println!(
         "agent processes={} pods={pods} rss_before_kib={} rss_after_kib={} peak_rss_kib={} \
          reported_after_ms={} isolated_events={isolated_events} isolated_cpu_per_event_ms={:.3} \
-         isolated_busy_ms={} isolated_idle_ms={} burst_events={burst_events} \
-         burst_cpu_per_event_ms={:.3} burst_busy_ms={} burst_idle_ms={}",
+         isolated_busy_ms={:.1} isolated_idle_ms={:.1} burst_events={burst_events} \
+         burst_cpu_per_event_ms={:.3} burst_busy_ms={:.1} burst_idle_ms={:.1}",
         pids.len(),
         before.rss_kib,
         after.rss_kib,
         after.peak_rss_kib,
         reported_after.as_millis(),
         ms(isolated),
-        isolated_busy.as_millis(),
-        isolated_idle.as_millis(),
+        ms(isolated_busy),
+        ms(isolated_idle),
         ms(burst),
-        burst_busy.as_millis(),
-        burst_idle.as_millis(),
+        ms(burst_busy),
+        ms(burst_idle),
     );
     Ok(())
 }

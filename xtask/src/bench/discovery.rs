@@ -2,8 +2,9 @@
 //! containers (real cgroups, containerd's systemd layout) and the fake API server serving those
 //! pods.
 //!
-//! - Scans through the library (`KubernetesDiscovery::scan`): cold (every process new, every
-//!   file read) and warm (nothing changed, every process's `stat` read); target <= 50 ms wall.
+//! - Scans through the library (`KubernetesDiscovery::scan`), listing processes through the task
+//!   iterator as the agent does: cold (every process new, every file read) and warm (nothing
+//!   changed, every process listed); target <= 50 ms wall.
 //!   Also the periodic scan with the kernel's marks, and a pod event's pass (`pods_changed`).
 //! - A watch event for one pod: `rover-agent run`'s CPU while the fake API server, in another
 //!   process, modifies one pod after another, minus its CPU over as long without events, per
@@ -98,7 +99,7 @@ pub(super) fn run(
     );
     println!(
         "{:<48} {:>8.2}ms {:>8.2}ms   [target <= {SCAN_TARGET_MS} ms: {}]",
-        "warm: nothing changed, every stat read",
+        "warm: nothing changed, every process listed",
         number(&scan, "warm_median_ms"),
         number(&scan, "warm_max_ms"),
         met(number(&scan, "warm_max_ms") <= SCAN_TARGET_MS),
@@ -162,7 +163,7 @@ pub(super) fn run(
         mib(number(&agent_figures, "rss_after_kib")),
         mib(number(&agent_figures, "peak_rss_kib")),
     );
-    println!("(agent CPU from /proc/PID/stat in clock ticks of 10 ms)");
+    println!("(agent CPU from its cgroup's cpu.stat, to the microsecond)");
     Ok(())
 }
 

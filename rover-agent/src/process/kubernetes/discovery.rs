@@ -24,6 +24,7 @@ use crate::process::cgroup::ContainerId;
 use crate::process::entity::{EntityNames, PodPlacement, ProcessEntity};
 use crate::process::host_ip::InterfaceIps;
 use crate::process::host_rules::{HostFacts, ScanChanges, interfaces};
+use crate::process::proc_files::ProcessList;
 use crate::process::rule_template::{ProcessValues, RoverValues};
 use known_processes::KnownProcesses;
 use pod_states::PodStates;
@@ -124,6 +125,13 @@ impl KubernetesDiscovery {
             scans: 0,
             warned: HashSet::new(),
         }
+    }
+
+    /// Scans that read every process list them with `list` (the kernel's task iterator), whose
+    /// pids must be the proc root's, instead of reading each one's `stat` and `cgroup`; procfs
+    /// again if it fails.
+    pub fn list_processes_with(&mut self, list: Box<dyn ProcessList>) {
+        self.processes.list_with(list);
     }
 
     /// One pass over the processes against the pods of `snapshot`: the entities added (new or

@@ -7,15 +7,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::DiscoveryError;
 use crate::process::cgroup::{CgroupReader, ContainerId};
 use crate::process::kubernetes::analyzer::ProcessRenders;
 use crate::process::proc_files::{
-    CommandLine, can_open_exe, exe_name, read_command_line, read_stat,
+    CommandLine, ListedProcess, ProcessList, Stat, can_open_exe, exe_name, read_arguments,
+    read_command_line, read_stat,
 };
 
 /// Below this many reads one thread does them: a thread costs more than it saves.
@@ -55,11 +57,19 @@ pub(super) struct KnownProcesses {
     /// The most threads reads spread over: asked once (the standard library reads cgroup
     /// files to answer, which costs more than a pod event's whole pass).
     read_threads: usize,
+    /// Lists every process at once for the scans that read every one; `None`: each process's
+    /// files are read.
+    list: Option<Box<dyn ProcessList>>,
 }
+
+/// What a list of every process told of one: its `stat`, its cgroup file's text when whole, and
+/// where its arguments are.
+type Listed = (Stat, Option<String>, Range<u64>);
 
 /// One process to read, with what was known of it.
 struct Job {
     pid: u32,
+    listed: Option<Listed>,
     before: Option<KnownProcess>,
     /// Without the kernel's word: kept as it was when its `stat` did not change.
     keep_if_unchanged: bool,
@@ -109,7 +119,13 @@ impl KnownProcesses {
             read_threads: std::thread::available_parallelism()
                 .map_or(1, usize::from)
                 .min(READ_THREADS_MAX),
+            list: None,
         }
+    }
+
+    /// Lists processes with `list` in the scans that read every process (until it fails).
+    pub(super) fn list_with(&mut self, list: Box<dyn ProcessList>) {
+        self.list = Some(list);
     }
 
     /// The container of process `pid`, read now (the agent's own, to leave its pod out).
@@ -138,21 +154,9 @@ impl KnownProcesses {
         changed: Option<&HashSet<u32>>,
         recheck_cgroups: bool,
     ) -> Result<HashSet<ContainerId>, DiscoveryError> {
-        let entries =
-            fs::read_dir(&self.proc_root).map_err(|source| DiscoveryError::ListProcesses {
-                path: self.proc_root.clone(),
-                source,
-            })?;
         let mut listed = HashSet::with_capacity(self.processes.len() + 64);
         let mut jobs = Vec::new();
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        for (pid, stat_and_cgroup) in self.list_processes(changed.is_none())? {
             if pid == self.self_pid {
                 continue;
             }
@@ -166,6 +170,7 @@ impl KnownProcesses {
             }
             jobs.push(Job {
                 pid,
+                listed: stat_and_cgroup,
                 before: self.processes.remove(&pid),
                 keep_if_unchanged: changed.is_none() && !recheck,
             });
@@ -186,6 +191,47 @@ impl KnownProcesses {
         Ok(dirty)
     }
 
+    /// The pids of every process in the proc root, with what the list told of each when
+    /// `use_list` and a list works. The proc root says which processes there are: a list may
+    /// leave some out (a kernel may hide tasks from BPF iterators, as this project's CI
+    /// machine hides its pid 1), which are read from procfs.
+    fn list_processes(
+        &mut self,
+        use_list: bool,
+    ) -> Result<Vec<(u32, Option<Listed>)>, DiscoveryError> {
+        let mut listed: HashMap<u32, Listed> = HashMap::new();
+        if use_list && let Some(list) = &mut self.list {
+            match list.list() {
+                Ok(processes) => {
+                    listed.reserve(processes.len());
+                    for ListedProcess {
+                        pid,
+                        stat,
+                        cgroup_file,
+                        arguments,
+                    } in processes
+                    {
+                        listed.insert(pid, (stat, cgroup_file, arguments));
+                    }
+                }
+                Err(error) => {
+                    warn!("listing processes through the kernel failed, procfs is read: {error:#}");
+                    self.list = None;
+                }
+            }
+        }
+        let entries =
+            fs::read_dir(&self.proc_root).map_err(|source| DiscoveryError::ListProcesses {
+                path: self.proc_root.clone(),
+                source,
+            })?;
+        Ok(entries
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .map(|pid| (pid, listed.remove(&pid)))
+            .collect())
+    }
+
     /// Reads the processes in `marked` (exec'd or exited) and no other. Returns the containers
     /// whose processes changed.
     pub(super) fn read_only(&mut self, marked: &HashSet<u32>) -> HashSet<ContainerId> {
@@ -194,6 +240,7 @@ impl KnownProcesses {
             .filter(|&&pid| pid != self.self_pid)
             .map(|&pid| Job {
                 pid,
+                listed: None,
                 before: self.processes.remove(&pid),
                 keep_if_unchanged: false,
             })
@@ -294,11 +341,16 @@ impl KnownProcesses {
 fn read_process(proc_root: &Path, cgroups: &mut CgroupReader, job: Job) -> Outcome {
     let Job {
         pid,
+        listed,
         before,
         keep_if_unchanged,
     } = job;
     let proc_dir = proc_root.join(pid.to_string());
-    let Some(stat) = read_stat(&proc_dir).filter(|stat| !stat.is_gone()) else {
+    let (stat, cgroup_file, arguments) = match listed {
+        Some((stat, cgroup_file, arguments)) => (Some(stat), cgroup_file, Some(arguments)),
+        None => (read_stat(&proc_dir), None, None),
+    };
+    let Some(stat) = stat.filter(|stat| !stat.is_gone()) else {
         return Outcome::skipped(pid, before);
     };
     let same = before
@@ -312,6 +364,8 @@ fn read_process(proc_root: &Path, cgroups: &mut CgroupReader, job: Job) -> Outco
     }
     let container_id = if stat.is_kernel_thread() {
         None
+    } else if let Some(text) = cgroup_file {
+        cgroups.identify(pid, text.as_bytes()).container_id
     } else {
         match cgroups.read(pid) {
             Ok(Some(identity)) => identity.container_id,
@@ -324,7 +378,10 @@ fn read_process(proc_root: &Path, cgroups: &mut CgroupReader, job: Job) -> Outco
     };
     let container = match container_id {
         Some(id) => {
-            let Some(command_line) = read_command_line(&proc_dir).filter(|line| !line.is_empty())
+            let Some(command_line) = arguments
+                .and_then(|arguments| read_arguments(pid, arguments))
+                .or_else(|| read_command_line(&proc_dir))
+                .filter(|line| !line.is_empty())
             else {
                 return Outcome::skipped(pid, before);
             };

@@ -450,3 +450,75 @@ fn many_processes_read_on_several_threads_are_all_found() {
     assert_eq!(names.len(), count as usize);
     assert!(names.contains("worker"));
 }
+
+/// A list of processes as a test tells it; `None`: the list fails.
+struct FakeList(Option<Vec<(u32, &'static str, u64, String)>>);
+
+impl ProcessList for FakeList {
+    fn list(&mut self) -> anyhow::Result<Vec<crate::process::ListedProcess>> {
+        let processes = self
+            .0
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the list broke"))?;
+        Ok(processes
+            .iter()
+            .map(
+                |(pid, comm, start_time, cgroup)| crate::process::ListedProcess {
+                    pid: *pid,
+                    stat: crate::process::proc_files::Stat {
+                        comm: (*comm).to_owned(),
+                        state: 'S',
+                        flags: 0,
+                        start_time: *start_time,
+                    },
+                    cgroup_file: Some(cgroup.clone()),
+                    // Nowhere: the command line is read from `cmdline`.
+                    arguments: 0..0,
+                },
+            )
+            .collect())
+    }
+}
+
+#[test]
+fn a_list_s_processes_are_taken_as_listed_and_those_it_leaves_out_read_from_procfs() {
+    let proc = FakeProc(tempfile::tempdir().unwrap());
+    let uid = "11111111-2222-3333-4444-555555555555";
+    // procfs puts 100 in no container; the list puts it in container A: the list is believed.
+    proc.add(100, "server", 10, &["/app/server"], "0::/user.slice\n");
+    // The list leaves 101 out (a kernel may hide tasks from iterators): procfs is read.
+    proc.add(
+        101,
+        "helper",
+        20,
+        &["helper"],
+        &containerd(uid, CONTAINER_A),
+    );
+    let snapshot = ClusterSnapshot {
+        pods: vec![pod("cart-1", uid, "7", &[("app", CONTAINER_A)])],
+        services: vec![service()],
+    };
+    let mut listing = discovery(&proc);
+    listing.list_processes_with(Box::new(FakeList(Some(vec![(
+        100,
+        "server",
+        10,
+        containerd(uid, CONTAINER_A),
+    )]))));
+    let changes = listing.scan(&snapshot, None).unwrap();
+    let pids: Vec<u32> = changes.added.iter().map(|entity| entity.pid).collect();
+    assert_eq!(pids, [100, 101]);
+    let command_line = changes.added[0]
+        .properties
+        .iter()
+        .find(|(key, _)| key == "command_line")
+        .map(|(_, value)| value.as_str());
+    assert_eq!(command_line, Some("/app/server"), "read from `cmdline`");
+
+    // A list that breaks is dropped: procfs is read, and 100 is in no container there.
+    let mut fallback = discovery(&proc);
+    fallback.list_processes_with(Box::new(FakeList(None)));
+    let changes = fallback.scan(&snapshot, None).unwrap();
+    let pids: Vec<u32> = changes.added.iter().map(|entity| entity.pid).collect();
+    assert_eq!(pids, [101]);
+}

@@ -1,0 +1,332 @@
+//! The task iterator object: every process of the host with its `stat` fields, cgroup paths and
+//! where its arguments are, in one read, for process discovery's full scans (procfs costs two
+//! files per process, and one more for the arguments).
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::mem::size_of;
+
+use aya::programs::Iter;
+use aya::{Btf, Ebpf, EbpfLoader};
+use rover_common::{TASK_CGROUP_NAME_LEN, TaskCgroup, TaskRecord};
+
+use super::{Error, kernel_btf, object};
+use crate::process::proc_files::Stat;
+use crate::process::{ListedProcess, ProcessList};
+
+const OBJECT: &str = "tasks";
+const PROGRAM: &str = "list_tasks";
+/// Read at a time: a few dozen records.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// The loaded iterator; each [`Self::list`] runs it once.
+pub struct TaskList {
+    ebpf: Ebpf,
+    /// Nanoseconds per clock tick, the unit of `stat`'s start time.
+    ns_per_tick: u64,
+    /// Which hierarchy `cgroups[1]` is, for the lines it becomes (`<id>:<name>:<path>`).
+    v1_controller: &'static str,
+    chunk: Vec<u8>,
+}
+
+/// The v1 controllers whose hierarchy is listed, the first the kernel has: a container runtime
+/// puts a container in each controller's hierarchy under the same path.
+const V1_CONTROLLERS: [(&str, &str); 3] = [
+    ("memory_cgrp_id", "memory"),
+    ("cpu_cgrp_id", "cpu"),
+    ("pids_cgrp_id", "pids"),
+];
+
+impl TaskList {
+    /// Loads the iterator. Needs the agent's eBPF privileges and the kernel's BTF; parsing the
+    /// BTF costs ~20 MB of heap for a moment, given back after.
+    pub fn load() -> Result<Self, Error> {
+        super::privilege::require_privilege()?;
+        let [
+            pid,
+            tgid,
+            flags,
+            exit_state,
+            start_boottime,
+            comm,
+            cgroups,
+            mm,
+            arg_start,
+            arg_end,
+            dfl_cgrp,
+            subsys,
+            css_cgroup,
+            cgroup_kn,
+            kn_name,
+            kn_parent,
+            kn_old_parent,
+        ] = kernel_btf::member_offsets(&[
+            ("task_struct", "pid"),
+            ("task_struct", "tgid"),
+            ("task_struct", "flags"),
+            ("task_struct", "exit_state"),
+            ("task_struct", "start_boottime"),
+            ("task_struct", "comm"),
+            ("task_struct", "cgroups"),
+            ("task_struct", "mm"),
+            // In anonymous structs.
+            ("mm_struct", "arg_start"),
+            ("mm_struct", "arg_end"),
+            ("css_set", "dfl_cgrp"),
+            ("css_set", "subsys"),
+            ("cgroup_subsys_state", "cgroup"),
+            ("cgroup", "kn"),
+            ("kernfs_node", "name"),
+            // Renamed in Linux 6.15.
+            ("kernfs_node", "__parent"),
+            ("kernfs_node", "parent"),
+        ])
+        .map_err(Error::KernelLayout)?;
+        let mut v1 = None;
+        for (enumerator, controller) in V1_CONTROLLERS {
+            if let Some(index) = kernel_btf::enumerator(enumerator).map_err(Error::KernelLayout)? {
+                v1 = Some((index, controller));
+                break;
+            }
+        }
+        let Some((v1_index, v1_controller)) = v1 else {
+            return Err(Error::KernelLayout(
+                "no memory, cpu or pids cgroup controller".to_owned(),
+            ));
+        };
+        let v1_index = u32::try_from(v1_index)
+            .map_err(|_| Error::KernelLayout(format!("controller index {v1_index}")))?;
+        let globals = [
+            ("TASK_PID", pid),
+            ("TASK_TGID", tgid),
+            ("TASK_FLAGS", flags),
+            ("TASK_EXIT_STATE", exit_state),
+            ("TASK_START_BOOTTIME", start_boottime),
+            ("TASK_COMM", comm),
+            ("TASK_CGROUPS", cgroups),
+            ("TASK_MM", mm),
+            ("MM_ARG_START", arg_start),
+            ("MM_ARG_END", arg_end),
+            ("CSS_SET_DFL_CGRP", dfl_cgrp),
+            ("CSS_SET_SUBSYS", subsys),
+            ("CSS_CGROUP", css_cgroup),
+            ("CGROUP_KN", cgroup_kn),
+            ("KN_NAME", kn_name),
+            ("KN_PARENT", kn_parent.or(kn_old_parent)),
+        ];
+        let mut offsets = Vec::with_capacity(globals.len());
+        for (name, offset) in globals {
+            let offset = offset.ok_or_else(|| {
+                Error::KernelLayout(format!("no member for the program's `{name}`"))
+            })?;
+            offsets.push((name, offset));
+        }
+        let mut loader = EbpfLoader::new();
+        // Rust eBPF carries no CO-RE relocations: the loader's own BTF would only cost memory.
+        loader.btf(None);
+        for (name, offset) in &offsets {
+            loader.override_global(name, offset, true);
+        }
+        loader.override_global("V1_SUBSYS", &v1_index, true);
+        let mut ebpf = loader
+            .load(object::tasks()?)
+            .map_err(|source| Error::Load {
+                object: OBJECT,
+                source,
+            })?;
+        let btf = Btf::from_sys_fs().map_err(Error::KernelBtf)?;
+        let program: &mut Iter = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(Error::Missing {
+                object: OBJECT,
+                kind: "program",
+                name: PROGRAM,
+            })?
+            .try_into()
+            .map_err(|source| Error::Program {
+                program: PROGRAM,
+                source,
+            })?;
+        program
+            .load("task", &btf)
+            .map_err(|source| Error::Program {
+                program: PROGRAM,
+                source,
+            })?;
+        drop(btf);
+        crate::heap::release_freed_memory();
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let ns_per_tick = u64::try_from(ticks_per_second)
+            .ok()
+            .filter(|ticks| *ticks > 0)
+            .map_or(10_000_000, |ticks| 1_000_000_000 / ticks);
+        let mut list = Self {
+            ebpf,
+            ns_per_tick,
+            v1_controller,
+            chunk: Vec::new(),
+        };
+        // The pids are the initial namespace's: this procfs must show the same ones.
+        let own = std::process::id();
+        if !list.records()?.iter().any(|listed| listed.pid == own) {
+            return Err(Error::ForeignPidNamespace);
+        }
+        Ok(list)
+    }
+
+    /// Every process, as the kernel lists it now.
+    fn records(&mut self) -> Result<Vec<ListedProcess>, Error> {
+        let program: &mut Iter = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .ok_or(Error::Missing {
+                object: OBJECT,
+                kind: "program",
+                name: PROGRAM,
+            })?
+            .try_into()
+            .map_err(|source| Error::Program {
+                program: PROGRAM,
+                source,
+            })?;
+        let program_error = |source| Error::Program {
+            program: PROGRAM,
+            source,
+        };
+        let link = program.attach().map_err(program_error)?;
+        let link = program.take_link(link).map_err(program_error)?;
+        let mut file = link
+            .into_file()
+            .map_err(|source| Error::TaskList(std::io::Error::other(source)))?;
+        let record_len = size_of::<TaskRecord>();
+        self.chunk.resize(CHUNK_BYTES.max(record_len), 0);
+        let mut processes = Vec::new();
+        let mut filled = 0;
+        loop {
+            let read = file
+                .read(&mut self.chunk[filled..])
+                .map_err(Error::TaskList)?;
+            filled += read;
+            let whole = filled - filled % record_len;
+            for bytes in self.chunk[..whole].chunks_exact(record_len) {
+                // SAFETY: one record as the program wrote it; every field is an integer (any
+                // bit pattern is valid), read unaligned from the byte buffer.
+                let record = unsafe { bytes.as_ptr().cast::<TaskRecord>().read_unaligned() };
+                processes.push(self.listed(&record));
+            }
+            self.chunk.copy_within(whole..filled, 0);
+            filled -= whole;
+            if read == 0 {
+                break;
+            }
+        }
+        if filled != 0 {
+            return Err(Error::TaskList(std::io::Error::other(format!(
+                "the list ended inside a record ({filled} bytes left)"
+            ))));
+        }
+        Ok(processes)
+    }
+
+    fn listed(&self, record: &TaskRecord) -> ListedProcess {
+        let comm_len = record
+            .comm
+            .iter()
+            .position(|&byte| byte == 0)
+            .unwrap_or(record.comm.len());
+        let stat = Stat {
+            comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
+            // Only "gone or not" matters to a scan.
+            state: if record.exit_state != 0 { 'Z' } else { 'S' },
+            flags: u64::from(record.flags),
+            start_time: record.start_boottime_ns / self.ns_per_tick,
+        };
+        ListedProcess {
+            pid: record.pid,
+            stat,
+            cgroup_file: cgroup_file(&record.cgroups, self.v1_controller),
+            arguments: record.arg_start..record.arg_end,
+        }
+    }
+}
+
+impl ProcessList for TaskList {
+    fn list(&mut self) -> anyhow::Result<Vec<ListedProcess>> {
+        Ok(self.records()?)
+    }
+}
+
+/// The text `/proc/PID/cgroup` would hold for these paths: the v1 line then the v2 one
+/// (hierarchy ids are not needed and written as 1); `None` when a path is not whole.
+fn cgroup_file(paths: &[TaskCgroup; 2], v1_controller: &str) -> Option<String> {
+    let [unified, v1] = paths;
+    let mut text = String::new();
+    for (path, prefix) in [
+        (v1, format!("1:{v1_controller}:")),
+        (unified, "0::".to_owned()),
+    ] {
+        if path.complete == 0 {
+            return None;
+        }
+        text.push_str(&prefix);
+        let depth = usize::try_from(path.depth).ok()?;
+        let names = path.names.get(..depth)?;
+        if names.is_empty() {
+            text.push('/');
+        }
+        for name in names.iter().rev() {
+            let len = name
+                .iter()
+                .position(|&byte| byte == 0)
+                .unwrap_or(TASK_CGROUP_NAME_LEN);
+            let _ = write!(text, "/{}", String::from_utf8_lossy(&name[..len]));
+        }
+        text.push('\n');
+    }
+    Some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use rover_common::TASK_CGROUP_DEPTH;
+
+    use super::*;
+
+    fn path(names: &[&str], complete: bool) -> TaskCgroup {
+        let mut path = TaskCgroup {
+            depth: names.len() as u32,
+            complete: u32::from(complete),
+            names: [[0; TASK_CGROUP_NAME_LEN]; TASK_CGROUP_DEPTH],
+        };
+        // Innermost first, as the program writes them.
+        for (slot, name) in path.names.iter_mut().zip(names.iter().rev()) {
+            slot[..name.len()].copy_from_slice(name.as_bytes());
+        }
+        path
+    }
+
+    #[test]
+    fn paths_become_the_cgroup_file_text() {
+        let container =
+            "cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope";
+        let unified = path(&["kubepods.slice", "kubepods-pod1.slice", container], true);
+        let text = cgroup_file(&[unified, path(&[], true)], "memory").expect("whole");
+        assert_eq!(
+            text,
+            format!("1:memory:/\n0::/kubepods.slice/kubepods-pod1.slice/{container}\n")
+        );
+        let identity = crate::process::cgroup::parse_cgroup_file(text.as_bytes());
+        assert_eq!(
+            identity.container_id.map(|id| id.to_string()),
+            Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_path_not_whole_is_read_from_procfs() {
+        let cut = path(&["a", "b"], false);
+        assert_eq!(cgroup_file(&[path(&[], true), cut], "cpu"), None);
+        assert_eq!(cgroup_file(&[cut, path(&["a"], true)], "cpu"), None);
+    }
+}
