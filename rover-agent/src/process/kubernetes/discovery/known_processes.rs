@@ -156,7 +156,7 @@ impl KnownProcesses {
     ) -> Result<HashSet<ContainerId>, DiscoveryError> {
         let mut listed = HashSet::with_capacity(self.processes.len() + 64);
         let mut jobs = Vec::new();
-        for (pid, stat_and_cgroup) in self.list_processes(changed.is_none())? {
+        for (pid, what_listed) in self.list_processes(changed.is_none())? {
             if pid == self.self_pid {
                 continue;
             }
@@ -170,7 +170,7 @@ impl KnownProcesses {
             }
             jobs.push(Job {
                 pid,
-                listed: stat_and_cgroup,
+                listed: what_listed,
                 before: self.processes.remove(&pid),
                 keep_if_unchanged: changed.is_none() && !recheck,
             });
