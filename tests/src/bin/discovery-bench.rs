@@ -569,7 +569,7 @@ impl Drop for AgentCgroup {
 const PERIODIC_CYCLE: Duration = Duration::from_secs(15);
 
 /// The agent's CPU while `fake` makes `count` modifications `interval` apart, minus its CPU
-/// over as long without any; and the two figures.
+/// over as long without any (the mean of such windows before and after); and the two figures.
 fn event_cost(
     agent: &mut NodeAgent,
     cpu: &AgentCgroup,
@@ -582,14 +582,19 @@ fn event_cost(
     let needed = interval * u32::try_from(count)? + Duration::from_secs(1);
     let cycles = needed.as_secs_f64() / PERIODIC_CYCLE.as_secs_f64();
     let window = PERIODIC_CYCLE * (cycles.ceil() as u32);
-    let before = cpu.cpu()?;
-    std::thread::sleep(window);
-    let idle = cpu.cpu()?.saturating_sub(before);
+    let idle_window = || -> anyhow::Result<Duration> {
+        let before = cpu.cpu()?;
+        std::thread::sleep(window);
+        Ok(cpu.cpu()?.saturating_sub(before))
+    };
+    let idle_before = idle_window()?;
     let before = cpu.cpu()?;
     let started = Instant::now();
     fake.ask(&format!("modify {count} {}", interval.as_millis()))?;
     std::thread::sleep(window.saturating_sub(started.elapsed()));
     let busy = cpu.cpu()?.saturating_sub(before);
+    // Idle before and after: what drifts over the run (caches, the allocator) cancels out.
+    let idle = (idle_before + idle_window()?) / 2;
     ensure!(
         agent.exited().is_none(),
         "the agent exited during the events"

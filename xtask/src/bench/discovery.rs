@@ -135,7 +135,7 @@ pub(super) fn run(
     );
     println!(
         "{:<48} {:>8.3}ms   [target <= {EVENT_TARGET_MS} ms: {}]   ({} events 400 ms apart: \
-         CPU {} ms, {} ms over as long without)",
+         CPU {} ms, {} ms over as long without, before and after)",
         "CPU per pod event, isolated",
         number(&agent_figures, "isolated_cpu_per_event_ms"),
         met(number(&agent_figures, "isolated_cpu_per_event_ms") <= EVENT_TARGET_MS),
@@ -145,7 +145,7 @@ pub(super) fn run(
     );
     println!(
         "{:<48} {:>8.3}ms   [target <= {EVENT_TARGET_MS} ms: {}]   ({} events 10 ms apart: \
-         CPU {} ms, {} ms over as long without)",
+         CPU {} ms, {} ms over as long without, before and after)",
         "CPU per pod event, burst",
         number(&agent_figures, "burst_cpu_per_event_ms"),
         met(number(&agent_figures, "burst_cpu_per_event_ms") <= EVENT_TARGET_MS),
