@@ -2,10 +2,10 @@
 //! relocations): member offsets (`task_struct::tgid` for the fork program, the task and cgroup
 //! members the task iterator reads) and enumerator values.
 //!
-//! The file (`/sys/kernel/btf/vmlinux`, ~6 MB) is streamed through a small buffer, twice: once
-//! for the offsets of two names in its string section, once through its type section for the
-//! struct and member with those names. Parsing it whole costs the agent ~40 MB of heap (aya,
-//! btf-rs), mapping it ~6 MB of resident pages: this costs neither.
+//! The file (`/sys/kernel/btf/vmlinux`, ~6 MB) is streamed through a small buffer: once through
+//! its string section for the offsets of the names asked for, then through its type section,
+//! once more per level of anonymous struct a member is nested in. Parsing it whole costs the
+//! agent ~40 MB of heap (aya, btf-rs), mapping it ~6 MB of resident pages: this costs neither.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};

@@ -10,6 +10,7 @@ use aya::programs::Iter;
 use aya::{Btf, Ebpf, EbpfLoader};
 use rover_common::{TASK_CGROUP_NAME_LEN, TaskCgroup, TaskRecord};
 
+use super::profiler::program;
 use super::{Error, kernel_btf, object};
 use crate::process::proc_files::Stat;
 use crate::process::{ListedProcess, ProcessList};
@@ -19,7 +20,7 @@ const PROGRAM: &str = "list_tasks";
 /// Read at a time: a few dozen records.
 const CHUNK_BYTES: usize = 64 * 1024;
 
-/// The loaded iterator; each [`Self::list`] runs it once.
+/// The loaded iterator; each [`ProcessList::list`] runs it once.
 pub struct TaskList {
     ebpf: Ebpf,
     /// Nanoseconds per clock tick, the unit of `stat`'s start time.
@@ -135,18 +136,7 @@ impl TaskList {
                 source,
             })?;
         let btf = Btf::from_sys_fs().map_err(Error::KernelBtf)?;
-        let program: &mut Iter = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(Error::Missing {
-                object: OBJECT,
-                kind: "program",
-                name: PROGRAM,
-            })?
-            .try_into()
-            .map_err(|source| Error::Program {
-                program: PROGRAM,
-                source,
-            })?;
+        let program: &mut Iter = program(&mut ebpf, OBJECT, PROGRAM)?;
         program
             .load("task", &btf)
             .map_err(|source| Error::Program {
@@ -177,19 +167,7 @@ impl TaskList {
 
     /// Every process, as the kernel lists it now.
     fn records(&mut self) -> Result<Vec<ListedProcess>, Error> {
-        let program: &mut Iter = self
-            .ebpf
-            .program_mut(PROGRAM)
-            .ok_or(Error::Missing {
-                object: OBJECT,
-                kind: "program",
-                name: PROGRAM,
-            })?
-            .try_into()
-            .map_err(|source| Error::Program {
-                program: PROGRAM,
-                source,
-            })?;
+        let program: &mut Iter = program(&mut self.ebpf, OBJECT, PROGRAM)?;
         let program_error = |source| Error::Program {
             program: PROGRAM,
             source,
