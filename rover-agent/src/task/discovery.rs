@@ -58,7 +58,12 @@ impl ProcessSources {
             Some(mut source) => {
                 // Loading parses the kernel's BTF: off the async threads.
                 match tokio::task::spawn_blocking(TaskList::load).await {
-                    Ok(Ok(list)) => source.discovery.list_processes_with(Box::new(list)),
+                    Ok(Ok(list)) => {
+                        source.discovery.list_processes_with(Box::new(list));
+                        info!(
+                            "full process scans list processes through the kernel's task iterator"
+                        );
+                    }
                     Ok(Err(error)) => info!(
                         "full process scans read each process's files: the kernel's task \
                          iterator is not available: {:#}",
