@@ -240,7 +240,9 @@ pub struct TaskRecord {
     pub flags: u32,
     /// `task_struct::exit_state`: non-zero for a zombie or dead process.
     pub exit_state: u32,
-    pub _pad: u32,
+    /// Non-zero: its memory maps an executable (`mm_struct::exe_file`, what `/proc/PID/exe`
+    /// links to).
+    pub has_exe_file: u32,
     /// `task_struct::start_boottime`: nanoseconds after boot, suspend included.
     pub start_boottime_ns: u64,
     /// `task_struct::comm`, NUL-padded.
@@ -258,13 +260,24 @@ pub struct TaskRecord {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct TaskCgroup {
+    /// The cgroup's kernfs node id (never reused); 0 when it could not be read.
+    pub id: u64,
     /// How many of `names` hold a name, innermost first.
     pub depth: u32,
-    /// Non-zero: the path is whole (not deeper than [`TASK_CGROUP_DEPTH`], no name cut).
-    pub complete: u32,
+    /// What `names` holds: one of `TASK_CGROUP_*`.
+    pub state: u32,
     /// NUL-terminated.
     pub names: [[u8; TASK_CGROUP_NAME_LEN]; TASK_CGROUP_DEPTH],
 }
+
+/// [`TaskCgroup::state`]: the path could not be read whole (deeper than [`TASK_CGROUP_DEPTH`],
+/// a name cut, a failed read).
+pub const TASK_CGROUP_CUT: u32 = 0;
+/// [`TaskCgroup::state`]: `names` holds the whole path.
+pub const TASK_CGROUP_WHOLE: u32 = 1;
+/// [`TaskCgroup::state`]: an earlier record of the same listing held this cgroup's whole path
+/// (a cgroup's path is walked once per listing, not once per process in it).
+pub const TASK_CGROUP_LISTED_BEFORE: u32 = 2;
 
 const _: () = assert!(core::mem::size_of::<UserStack>() == 8 * (MAX_USER_FRAMES + 1));
 const _: () = assert!(core::mem::size_of::<KernelStack>() == 8 * (MAX_KERNEL_FRAMES + 1));
@@ -274,7 +287,7 @@ const _: () = assert!(core::mem::size_of::<RecentTarget>() == 32);
 const _: () = assert!(core::mem::size_of::<OffCpuThread>() == 64 + 8 * (MAX_USER_FRAMES + 1));
 const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 12);
 const _: () = assert!(
-    core::mem::size_of::<TaskRecord>() == 56 + 2 * (8 + TASK_CGROUP_DEPTH * TASK_CGROUP_NAME_LEN)
+    core::mem::size_of::<TaskRecord>() == 56 + 2 * (16 + TASK_CGROUP_DEPTH * TASK_CGROUP_NAME_LEN)
 );
 
 #[cfg(feature = "user")]

@@ -206,6 +206,12 @@ fn the_task_list_says_what_procfs_says() {
             start_time,
             "start time of {pid} ({comm})"
         );
+        // What opening its `exe` tells, which discovery spares when the list says it.
+        assert_eq!(
+            listed.has_exe_file(),
+            std::fs::File::open(format!("/proc/{pid}/exe")).is_ok(),
+            "executable of {pid} ({comm})"
+        );
         if !kernel_thread
             && let Some(identity) = listed.cgroup_identity()
             && let Ok(file) = std::fs::read(format!("/proc/{pid}/cgroup"))
@@ -245,6 +251,22 @@ fn the_task_list_says_what_procfs_says() {
             Some(command_line.as_str())
         );
         assert_eq!(procfs_command_line(*pid), *command_line);
+    }
+    // A cgroup's path is walked once per listing: a second listing tells every path again.
+    let again: HashMap<u32, ListedProcess> = list
+        .list()
+        .expect("listing again")
+        .into_iter()
+        .map(|process| (process.pid(), process))
+        .collect();
+    for (pid, (container, _)) in &expected {
+        assert_eq!(
+            again[pid]
+                .cgroup_identity()
+                .map(|identity| identity.container_id),
+            Some(Some(*container)),
+            "container of {pid}, listed again"
+        );
     }
     for pid in [deep_pid, colon_pid] {
         assert_eq!(

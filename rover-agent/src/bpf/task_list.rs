@@ -8,7 +8,11 @@ use std::mem::size_of;
 
 use aya::programs::Iter;
 use aya::{Btf, Ebpf, EbpfLoader};
-use rover_common::{TASK_CGROUP_NAME_LEN, TaskCgroup, TaskRecord};
+use std::collections::HashMap;
+
+use rover_common::{
+    TASK_CGROUP_LISTED_BEFORE, TASK_CGROUP_NAME_LEN, TASK_CGROUP_WHOLE, TaskCgroup, TaskRecord,
+};
 
 use super::profiler::program;
 use super::{Error, kernel_btf, object};
@@ -54,10 +58,12 @@ impl TaskList {
             mm,
             arg_start,
             arg_end,
+            exe_file,
             dfl_cgrp,
             subsys,
             css_cgroup,
             cgroup_kn,
+            kn_id,
             kn_name,
             kn_parent,
             kn_old_parent,
@@ -73,10 +79,12 @@ impl TaskList {
             // In anonymous structs.
             ("mm_struct", "arg_start"),
             ("mm_struct", "arg_end"),
+            ("mm_struct", "exe_file"),
             ("css_set", "dfl_cgrp"),
             ("css_set", "subsys"),
             ("cgroup_subsys_state", "cgroup"),
             ("cgroup", "kn"),
+            ("kernfs_node", "id"),
             ("kernfs_node", "name"),
             // Renamed in Linux 6.15.
             ("kernfs_node", "__parent"),
@@ -108,10 +116,12 @@ impl TaskList {
             ("TASK_MM", mm),
             ("MM_ARG_START", arg_start),
             ("MM_ARG_END", arg_end),
+            ("MM_EXE_FILE", exe_file),
             ("CSS_SET_DFL_CGRP", dfl_cgrp),
             ("CSS_SET_SUBSYS", subsys),
             ("CSS_CGROUP", css_cgroup),
             ("CGROUP_KN", cgroup_kn),
+            ("KN_ID", kn_id),
             ("KN_NAME", kn_name),
             ("KN_PARENT", kn_parent.or(kn_old_parent)),
         ];
@@ -180,6 +190,8 @@ impl TaskList {
         let record_len = size_of::<TaskRecord>();
         self.chunk.resize(CHUNK_BYTES.max(record_len), 0);
         let mut processes = Vec::new();
+        // The paths of this listing's cgroups, by id: a cgroup's is in its first record only.
+        let mut paths = HashMap::new();
         let mut filled = 0;
         loop {
             let read = file
@@ -191,7 +203,7 @@ impl TaskList {
                 // SAFETY: one record as the program wrote it; every field is an integer (any
                 // bit pattern is valid), read unaligned from the byte buffer.
                 let record = unsafe { bytes.as_ptr().cast::<TaskRecord>().read_unaligned() };
-                processes.push(self.listed(&record));
+                processes.push(self.listed(&record, &mut paths));
             }
             self.chunk.copy_within(whole..filled, 0);
             filled -= whole;
@@ -207,7 +219,7 @@ impl TaskList {
         Ok(processes)
     }
 
-    fn listed(&self, record: &TaskRecord) -> ListedProcess {
+    fn listed(&self, record: &TaskRecord, paths: &mut HashMap<u64, String>) -> ListedProcess {
         let comm_len = record
             .comm
             .iter()
@@ -223,8 +235,9 @@ impl TaskList {
         ListedProcess {
             pid: record.pid,
             stat,
-            cgroup_file: cgroup_file(&record.cgroups, self.v1_controller),
+            cgroup_file: cgroup_file(&record.cgroups, self.v1_controller, paths),
             arguments: record.arg_start..record.arg_end,
+            has_exe_file: record.has_exe_file != 0,
         }
     }
 }
@@ -236,33 +249,45 @@ impl ProcessList for TaskList {
 }
 
 /// The text `/proc/PID/cgroup` would hold for these paths: the v1 line then the v2 one
-/// (hierarchy ids are not needed and written as 1); `None` when a path is not whole.
-fn cgroup_file(paths: &[TaskCgroup; 2], v1_controller: &str) -> Option<String> {
-    let [unified, v1] = paths;
-    let mut text = String::new();
-    for (path, prefix) in [
-        (v1, format!("1:{v1_controller}:")),
-        (unified, "0::".to_owned()),
-    ] {
-        if path.complete == 0 {
-            return None;
+/// (hierarchy ids are not needed and written as 1); `None` when a path is not whole. `paths`:
+/// the paths of the cgroups listed before, by id, which this adds to.
+fn cgroup_file(
+    cgroups: &[TaskCgroup; 2],
+    v1_controller: &str,
+    paths: &mut HashMap<u64, String>,
+) -> Option<String> {
+    let [unified, v1] = cgroups;
+    let v1 = path_of(v1, paths)?;
+    let unified = path_of(unified, paths)?;
+    Some(format!("1:{v1_controller}:{v1}\n0::{unified}\n"))
+}
+
+/// The path of `cgroup` (`/a/b`), from its names (then kept in `paths`) or from `paths`; `None`
+/// when not whole.
+fn path_of(cgroup: &TaskCgroup, paths: &mut HashMap<u64, String>) -> Option<String> {
+    match cgroup.state {
+        TASK_CGROUP_WHOLE => {
+            let depth = usize::try_from(cgroup.depth).ok()?;
+            let names = cgroup.names.get(..depth)?;
+            let mut path = String::new();
+            if names.is_empty() {
+                path.push('/');
+            }
+            for name in names.iter().rev() {
+                let len = name
+                    .iter()
+                    .position(|&byte| byte == 0)
+                    .unwrap_or(TASK_CGROUP_NAME_LEN);
+                let _ = write!(path, "/{}", String::from_utf8_lossy(&name[..len]));
+            }
+            if cgroup.id != 0 {
+                paths.insert(cgroup.id, path.clone());
+            }
+            Some(path)
         }
-        text.push_str(&prefix);
-        let depth = usize::try_from(path.depth).ok()?;
-        let names = path.names.get(..depth)?;
-        if names.is_empty() {
-            text.push('/');
-        }
-        for name in names.iter().rev() {
-            let len = name
-                .iter()
-                .position(|&byte| byte == 0)
-                .unwrap_or(TASK_CGROUP_NAME_LEN);
-            let _ = write!(text, "/{}", String::from_utf8_lossy(&name[..len]));
-        }
-        text.push('\n');
+        TASK_CGROUP_LISTED_BEFORE => paths.get(&cgroup.id).cloned(),
+        _ => None,
     }
-    Some(text)
 }
 
 #[cfg(test)]
@@ -273,8 +298,13 @@ mod tests {
 
     fn path(names: &[&str], complete: bool) -> TaskCgroup {
         let mut path = TaskCgroup {
+            id: 0,
             depth: names.len() as u32,
-            complete: u32::from(complete),
+            state: if complete {
+                TASK_CGROUP_WHOLE
+            } else {
+                rover_common::TASK_CGROUP_CUT
+            },
             names: [[0; TASK_CGROUP_NAME_LEN]; TASK_CGROUP_DEPTH],
         };
         // Innermost first, as the program writes them.
@@ -289,7 +319,8 @@ mod tests {
         let container =
             "cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope";
         let unified = path(&["kubepods.slice", "kubepods-pod1.slice", container], true);
-        let text = cgroup_file(&[unified, path(&[], true)], "memory").expect("whole");
+        let text =
+            cgroup_file(&[unified, path(&[], true)], "memory", &mut HashMap::new()).expect("whole");
         assert_eq!(
             text,
             format!("1:memory:/\n0::/kubepods.slice/kubepods-pod1.slice/{container}\n")
@@ -304,7 +335,44 @@ mod tests {
     #[test]
     fn a_path_not_whole_is_read_from_procfs() {
         let cut = path(&["a", "b"], false);
-        assert_eq!(cgroup_file(&[path(&[], true), cut], "cpu"), None);
-        assert_eq!(cgroup_file(&[cut, path(&["a"], true)], "cpu"), None);
+        let mut paths = HashMap::new();
+        assert_eq!(
+            cgroup_file(&[path(&[], true), cut], "cpu", &mut paths),
+            None
+        );
+        assert_eq!(
+            cgroup_file(&[cut, path(&["a"], true)], "cpu", &mut paths),
+            None
+        );
+    }
+
+    #[test]
+    fn a_cgroup_listed_before_has_the_path_its_first_record_gave() {
+        let mut paths = HashMap::new();
+        let with_id = |mut path: TaskCgroup, id| {
+            path.id = id;
+            path
+        };
+        let before = |id| TaskCgroup {
+            id,
+            depth: 0,
+            state: TASK_CGROUP_LISTED_BEFORE,
+            names: [[0; TASK_CGROUP_NAME_LEN]; TASK_CGROUP_DEPTH],
+        };
+        let first = [
+            with_id(path(&["kubepods", "pod1", "c1"], true), 7),
+            with_id(path(&[], true), 1),
+        ];
+        let text = cgroup_file(&first, "memory", &mut paths).expect("whole");
+        assert_eq!(text, "1:memory:/\n0::/kubepods/pod1/c1\n");
+        assert_eq!(
+            cgroup_file(&[before(7), before(1)], "memory", &mut paths),
+            Some(text)
+        );
+        // An id no earlier record gave: the cgroup file is read instead.
+        assert_eq!(
+            cgroup_file(&[before(8), before(1)], "memory", &mut paths),
+            None
+        );
     }
 }

@@ -159,12 +159,14 @@ pub(crate) fn exe_name(comm: &str, argv0: &str) -> String {
 
 /// A process as a list of every process gives it (the kernel's task iterator): the fields of its
 /// `stat` a scan needs, the text its `/proc/PID/cgroup` would have, when the list could tell it
-/// whole (else the file is read), and where its arguments are in its memory.
+/// whole (else the file is read), where its arguments are in its memory, and whether it has an
+/// executable (what `/proc/PID/exe` links to).
 pub struct ListedProcess {
     pub(crate) pid: u32,
     pub(crate) stat: Stat,
     pub(crate) cgroup_file: Option<String>,
     pub(crate) arguments: Range<u64>,
+    pub(crate) has_exe_file: bool,
 }
 
 /// What the list says, for tests that hold it against procfs.
@@ -196,6 +198,10 @@ impl ListedProcess {
         self.cgroup_file
             .as_deref()
             .map(|text| super::cgroup::parse_cgroup_file(text.as_bytes()))
+    }
+
+    pub fn has_exe_file(&self) -> bool {
+        self.has_exe_file
     }
 
     /// The command line read where the list says the arguments are (`None`: `cmdline` would be

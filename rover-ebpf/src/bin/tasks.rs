@@ -13,9 +13,12 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated::bpf_seq_write},
     macros::map,
-    maps::PerCpuArray,
+    maps::{LruHashMap, PerCpuArray},
 };
-use rover_common::{TASK_CGROUP_DEPTH, TASK_CGROUP_NAME_LEN, TaskCgroup, TaskRecord};
+use rover_common::{
+    TASK_CGROUP_CUT, TASK_CGROUP_DEPTH, TASK_CGROUP_LISTED_BEFORE, TASK_CGROUP_NAME_LEN,
+    TASK_CGROUP_WHOLE, TaskCgroup, TaskRecord,
+};
 // Its panic handler.
 use rover_ebpf as _;
 
@@ -41,6 +44,9 @@ static TASK_MM: Global<u32> = Global::new(0);
 static MM_ARG_START: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static MM_ARG_END: Global<u32> = Global::new(0);
+// `mm_struct::exe_file`.
+#[unsafe(no_mangle)]
+static MM_EXE_FILE: Global<u32> = Global::new(0);
 // `css_set::dfl_cgrp` and `css_set::subsys`; `V1_SUBSYS`: the index in `subsys` of the v1
 // controller whose hierarchy is listed too.
 #[unsafe(no_mangle)]
@@ -49,11 +55,13 @@ static CSS_SET_DFL_CGRP: Global<u32> = Global::new(0);
 static CSS_SET_SUBSYS: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static V1_SUBSYS: Global<u32> = Global::new(0);
-// `cgroup_subsys_state::cgroup`, `cgroup::kn`, `kernfs_node::name` and its parent.
+// `cgroup_subsys_state::cgroup`, `cgroup::kn`, `kernfs_node::id`, `name` and its parent.
 #[unsafe(no_mangle)]
 static CSS_CGROUP: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static CGROUP_KN: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static KN_ID: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static KN_NAME: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
@@ -65,6 +73,13 @@ const PF_KTHREAD: u32 = 0x0020_0000;
 /// The record being built: too big for the 512-byte stack.
 #[map]
 static SCRATCH: PerCpuArray<TaskRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// The listing (iterator session) in which each cgroup's whole path was last written, by kernfs
+/// node id: the processes of a pod share its cgroups, and walking a path costs about 20 kernel
+/// reads. Marked only once a record holding the path is written; a cgroup evicted is walked
+/// again.
+#[map]
+static LISTED_CGROUPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// `struct bpf_iter_meta`.
 #[repr(C)]
@@ -87,21 +102,30 @@ fn read<T>(base: *const u8, offset: &Global<u32>) -> Option<T> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset.load() as usize).cast::<T>()).ok() }
 }
 
-/// The path of the cgroup `cgroup` (a `struct cgroup *`), innermost name first.
+/// The path of the cgroup `cgroup` (a `struct cgroup *`), innermost name first, unless an
+/// earlier record of listing `session` held it.
 #[inline(always)]
-fn cgroup_path(cgroup: *const u8, path: &mut TaskCgroup) {
+fn cgroup_path(cgroup: *const u8, path: &mut TaskCgroup, session: u64) {
+    path.id = 0;
     path.depth = 0;
-    path.complete = 0;
+    path.state = TASK_CGROUP_CUT;
     let Some(mut node) = read::<*const u8>(cgroup, &CGROUP_KN) else {
         return;
     };
+    path.id = read(node, &KN_ID).unwrap_or(0);
+    // SAFETY: a copy of the value is taken at once; a concurrent update only makes it stale,
+    // which at worst walks the path again.
+    if path.id != 0 && unsafe { LISTED_CGROUPS.get(path.id) }.copied() == Some(session) {
+        path.state = TASK_CGROUP_LISTED_BEFORE;
+        return;
+    }
     for level in 0..=TASK_CGROUP_DEPTH {
         let Some(parent) = read::<*const u8>(node, &KN_PARENT) else {
             return;
         };
         if parent.is_null() {
             // `node` is the hierarchy's root, which has no name in paths.
-            path.complete = 1;
+            path.state = TASK_CGROUP_WHOLE;
             return;
         }
         let (Some(slot), Some(name)) =
@@ -126,15 +150,20 @@ fn cgroup_path(cgroup: *const u8, path: &mut TaskCgroup) {
 pub extern "C" fn list_tasks(ctx: *mut c_void) -> i32 {
     // SAFETY: the kernel hands an iterator program its `bpf_iter__task`; both loads are checked
     // by the verifier against that type.
-    let (seq, task) = unsafe {
+    let (seq, session, task) = unsafe {
         let ctx = &*ctx.cast::<IterTask>();
-        ((*ctx.meta).seq, ctx.task)
+        ((*ctx.meta).seq, (*ctx.meta).session_id, ctx.task)
     };
     if task.is_null() {
         return 0;
     }
-    let (Some(pid), Some(tgid)) = (read::<u32>(task, &TASK_PID), read::<u32>(task, &TASK_TGID))
-    else {
+    // Side by side in every kernel's `task_struct`: one read, made for every thread.
+    let ids = if TASK_TGID.load() == TASK_PID.load() + 4 {
+        read::<[u32; 2]>(task, &TASK_PID).map(|[pid, tgid]| (pid, tgid))
+    } else {
+        read::<u32>(task, &TASK_PID).zip(read::<u32>(task, &TASK_TGID))
+    };
+    let Some((pid, tgid)) = ids else {
         return 0;
     };
     if pid != tgid {
@@ -151,23 +180,27 @@ pub extern "C" fn list_tasks(ctx: *mut c_void) -> i32 {
     record.start_boottime_ns = read(task, &TASK_START_BOOTTIME).unwrap_or(0);
     record.comm = read(task, &TASK_COMM).unwrap_or([0; 16]);
     for path in &mut record.cgroups {
+        path.id = 0;
         path.depth = 0;
-        path.complete = 0;
+        path.state = TASK_CGROUP_CUT;
     }
     record.arg_start = 0;
     record.arg_end = 0;
+    record.has_exe_file = 0;
     if let Some(mm) = read::<*const u8>(task, &TASK_MM)
         && !mm.is_null()
     {
         record.arg_start = read(mm, &MM_ARG_START).unwrap_or(0);
         record.arg_end = read(mm, &MM_ARG_END).unwrap_or(0);
+        record.has_exe_file =
+            u32::from(read::<*const u8>(mm, &MM_EXE_FILE).is_some_and(|file| !file.is_null()));
     }
 
     if record.flags & PF_KTHREAD == 0
         && let Some(css_set) = read::<*const u8>(task, &TASK_CGROUPS)
     {
         if let Some(unified) = read::<*const u8>(css_set, &CSS_SET_DFL_CGRP) {
-            cgroup_path(unified, &mut record.cgroups[0]);
+            cgroup_path(unified, &mut record.cgroups[0], session);
         }
         let subsys = css_set
             .wrapping_add(CSS_SET_SUBSYS.load() as usize)
@@ -177,16 +210,25 @@ pub extern "C" fn list_tasks(ctx: *mut c_void) -> i32 {
         if let Some(css) = css
             && let Some(v1) = read::<*const u8>(css, &CSS_CGROUP)
         {
-            cgroup_path(v1, &mut record.cgroups[1]);
+            cgroup_path(v1, &mut record.cgroups[1], session);
         }
     }
     // SAFETY: `seq` is the iterator's own seq_file; the record is ours, of its full size.
-    unsafe {
+    let written = unsafe {
         bpf_seq_write(
             seq,
             (record as *const TaskRecord).cast(),
             core::mem::size_of::<TaskRecord>() as u32,
-        );
+        )
+    };
+    // Not written (the read's buffer is full): the task is shown again in the next read, with
+    // its paths walked again.
+    if written == 0 {
+        for path in &record.cgroups {
+            if path.state == TASK_CGROUP_WHOLE && path.id != 0 {
+                let _ = LISTED_CGROUPS.insert(path.id, session, 0);
+            }
+        }
     }
     0
 }

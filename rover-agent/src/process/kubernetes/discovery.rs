@@ -10,15 +10,20 @@
 
 mod known_processes;
 mod pod_states;
+mod threads;
 
-use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+// foldhash: the maps of thousands of processes hashed at every first scan, where SipHash
+// cost a fifth of naming them.
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
+use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::warn;
 
-use super::analyzer::{AnalyzerInput, Analyzers, NamedProcess, make_process_names_unique};
+use super::analyzer::{
+    AnalyzeError, AnalyzerInput, Analyzers, NamedProcess, ProcessRenders, make_process_names_unique,
+};
 use super::watch::ClusterSnapshot;
 use crate::process::cgroup::ContainerId;
 use crate::process::entity::{EntityNames, PodPlacement, ProcessEntity};
@@ -26,7 +31,7 @@ use crate::process::host_ip::InterfaceIps;
 use crate::process::host_rules::{HostFacts, ScanChanges, interfaces};
 use crate::process::proc_files::ProcessList;
 use crate::process::rule_template::{ProcessValues, RoverValues};
-use known_processes::KnownProcesses;
+use known_processes::{ContainerProcess, KnownProcesses};
 use pod_states::PodStates;
 
 /// A process can move to another cgroup without exec or exit (rare: runtimes place a
@@ -142,7 +147,7 @@ impl KubernetesDiscovery {
     pub fn scan(
         &mut self,
         snapshot: &ClusterSnapshot,
-        changed: Option<&HashSet<u32>>,
+        changed: Option<&std::collections::HashSet<u32>>,
     ) -> Result<ScanChanges, DiscoveryError> {
         self.scans = self.scans.wrapping_add(1);
         let recheck_cgroups = self.scans.is_multiple_of(CGROUP_RECHECK_EVERY);
@@ -154,7 +159,7 @@ impl KubernetesDiscovery {
     /// Reads the processes the kernel marked (exec'd or exited) since the last scan, and no
     /// other, so that [`Self::pods_changed`] sees them (the host rules have not: the caller
     /// hands the marks to the next scan too).
-    pub fn read_marked(&mut self, marked: &HashSet<u32>) {
+    pub fn read_marked(&mut self, marked: &std::collections::HashSet<u32>) {
         let dirty = self.processes.read_only(marked);
         self.dirty.extend(dirty);
     }
@@ -197,13 +202,14 @@ impl KubernetesDiscovery {
         // Names are unique within an instance: pods sharing one with a changed pod (not with
         // Rover's shipped analyzers, whose instance is the pod) are collected again with it.
         loop {
+            self.name(&work[done..], snapshot, &mut host_interfaces);
             for pod in &work[done..] {
                 if let Some(state) = self.pods.get(&pod.key) {
                     instances.extend(state.instances.iter().cloned());
                     old_pids.extend(&state.pids);
                 }
                 let first = named.len();
-                self.collect(pod, snapshot, &mut host_interfaces, &mut named, &mut placed);
+                self.collect(pod, &mut named, &mut placed);
                 instances.extend(
                     named[first..]
                         .iter()
@@ -408,89 +414,199 @@ impl KubernetesDiscovery {
         (work, known_live)
     }
 
-    /// Names the processes of `pod` (rendering only those not named under its generation) into
-    /// `named` and `placed`.
-    fn collect<'a>(
+    /// Renders the names of the processes of `pods` not named under their pod's generation: on
+    /// a few threads when there are many (the first scan names every process of the node).
+    fn name(
         &mut self,
+        pods: &[PodWork<'_>],
+        snapshot: &ClusterSnapshot,
+        host_interfaces: &mut Option<Option<std::collections::HashMap<String, InterfaceIps>>>,
+    ) {
+        let mut jobs: Vec<NameJob<'_, '_>> = Vec::new();
+        let mut count = 0;
+        for pod in pods {
+            let service = snapshot.service_of(pod.pod);
+            for (id, container) in &pod.containers {
+                let processes: Vec<(u32, &ContainerProcess)> = self
+                    .processes
+                    .in_container(id)
+                    .iter()
+                    .filter_map(|&pid| {
+                        let process = self.processes.get(pid)?.container.as_ref()?;
+                        let named = process
+                            .named
+                            .as_ref()
+                            .is_some_and(|(generation, _)| *generation == pod.generation);
+                        (!named).then_some((pid, process))
+                    })
+                    .collect();
+                if processes.is_empty() {
+                    continue;
+                }
+                count += processes.len();
+                jobs.push(NameJob {
+                    pod: pod.pod,
+                    service,
+                    container,
+                    generation: pod.generation,
+                    processes,
+                });
+            }
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        // Read once per update, and only when a template asks.
+        let interfaces = host_interfaces
+            .get_or_insert_with(|| self.analyzers.uses_interfaces().then(interfaces).flatten())
+            .as_ref();
+        let namer = Namer {
+            analyzers: &self.analyzers,
+            facts: &self.facts,
+            proc_root: &self.proc_root,
+            interfaces,
+        };
+        let threads = self
+            .processes
+            .threads()
+            .min(count / PARALLEL_NAMES_MIN)
+            .max(1);
+        let named: Vec<Vec<Named>> = if threads == 1 {
+            jobs.into_iter().map(|job| namer.name(job)).collect()
+        } else {
+            threads::split(jobs, threads, || (), |(), job| namer.name(job))
+                .into_iter()
+                .flat_map(|(named, ())| named)
+                .collect()
+        };
+        for named in named.into_iter().flatten() {
+            let names = match named.names {
+                Ok(names) => names,
+                Err(error) => {
+                    if self.warned.insert(error.key().to_owned()) {
+                        warn!("process {} of pod {}: {error}", named.pid, named.pod);
+                    }
+                    None
+                }
+            };
+            if let Some(process) = self
+                .processes
+                .get_mut(named.pid)
+                .and_then(|known| known.container.as_mut())
+            {
+                process.named = Some((named.generation, names));
+                process.renders = named.renders;
+            }
+        }
+    }
+
+    /// The named processes of `pod` into `named` and `placed`.
+    fn collect<'a>(
+        &self,
         pod: &PodWork<'a>,
-        snapshot: &'a ClusterSnapshot,
-        host_interfaces: &mut Option<Option<HashMap<String, InterfaceIps>>>,
         named: &mut Vec<NamedProcess>,
         placed: &mut HashMap<u32, Placed<'a>>,
     ) {
-        let service = snapshot.service_of(pod.pod);
         for (id, container) in &pod.containers {
-            let mut renders = self.analyzers.container_renders();
-            for &pid in self.processes.in_container(id).to_vec().iter() {
-                let Some(known) = self.processes.get_mut(pid) else {
+            for &pid in self.processes.in_container(id) {
+                let Some(known) = self.processes.get(pid) else {
                     continue;
                 };
-                let start_time = known.start_time;
-                let Some(process) = known.container.as_mut() else {
+                let Some(ContainerProcess {
+                    named: Some((generation, Some(names))),
+                    ..
+                }) = &known.container
+                else {
                     continue;
                 };
-                let names = match &process.named {
-                    Some((generation, names)) if *generation == pod.generation => names.clone(),
-                    _ => {
-                        // Read once per update, and only when a template asks.
-                        let interfaces = host_interfaces.get_or_insert_with(|| {
-                            self.analyzers.uses_interfaces().then(interfaces).flatten()
-                        });
-                        let proc_dir = self.proc_root.join(pid.to_string());
-                        let input = AnalyzerInput {
-                            pod: pod.pod,
-                            service,
-                            container_name: container,
-                            process: ProcessValues {
-                                pid,
-                                exe_name: &process.exe_name,
-                                argv0: process.command_line.argv0(),
-                                command_line: process.command_line.as_str(),
-                                proc_dir: &proc_dir,
-                            },
-                            rover: RoverValues {
-                                instance_id: &self.facts.agent_instance_id,
-                                host_name: &self.facts.host_name,
-                                host_ip: self.facts.host_ip,
-                                interfaces: interfaces.as_ref(),
-                            },
-                        };
-                        let names =
-                            match self
-                                .analyzers
-                                .analyze(&input, &mut renders, &mut process.renders)
-                            {
-                                Ok(names) => names,
-                                Err(error) => {
-                                    if self.warned.insert(error.key().to_owned()) {
-                                        warn!(
-                                            "process {pid} of pod {}: {error}",
-                                            pod_name(pod.pod)
-                                        );
-                                    }
-                                    None
-                                }
-                            };
-                        process.named = Some((pod.generation, names.clone()));
-                        names
-                    }
-                };
-                if let Some(names) = names {
-                    named.push(NamedProcess {
-                        pid,
-                        start_time,
-                        names,
-                    });
-                    placed.insert(
-                        pid,
-                        Placed {
-                            pod: pod.pod,
-                            container,
-                        },
-                    );
+                // Named for another pod: two pods claim the container (never with real ids).
+                if *generation != pod.generation {
+                    continue;
                 }
+                named.push(NamedProcess {
+                    pid,
+                    start_time: known.start_time,
+                    names: names.clone(),
+                });
+                placed.insert(
+                    pid,
+                    Placed {
+                        pod: pod.pod,
+                        container,
+                    },
+                );
             }
         }
+    }
+}
+
+/// Below this many processes to name one thread names them: a thread costs more than it saves.
+const PARALLEL_NAMES_MIN: usize = 256;
+
+/// The processes (`'k`: borrowed from those known) of one container of a pod (`'p`) to name.
+struct NameJob<'p, 'k> {
+    pod: &'p Pod,
+    service: Option<&'p Service>,
+    container: &'p str,
+    generation: u64,
+    processes: Vec<(u32, &'k ContainerProcess)>,
+}
+
+/// What naming gave one process.
+struct Named<'a> {
+    pid: u32,
+    pod: &'a str,
+    generation: u64,
+    names: Result<Option<EntityNames>, AnalyzeError>,
+    renders: ProcessRenders,
+}
+
+/// What every process's naming reads, shared by the threads naming them.
+struct Namer<'a> {
+    analyzers: &'a Analyzers,
+    facts: &'a HostFacts,
+    proc_root: &'a Path,
+    interfaces: Option<&'a std::collections::HashMap<String, InterfaceIps>>,
+}
+
+impl Namer<'_> {
+    fn name<'p>(&self, job: NameJob<'p, '_>) -> Vec<Named<'p>> {
+        let mut renders = self.analyzers.container_renders();
+        job.processes
+            .into_iter()
+            .map(|(pid, process)| {
+                let proc_dir = self.proc_root.join(pid.to_string());
+                let input = AnalyzerInput {
+                    pod: job.pod,
+                    service: job.service,
+                    container_name: job.container,
+                    process: ProcessValues {
+                        pid,
+                        exe_name: &process.exe_name,
+                        argv0: process.command_line.argv0(),
+                        command_line: process.command_line.as_str(),
+                        proc_dir: &proc_dir,
+                    },
+                    rover: RoverValues {
+                        instance_id: &self.facts.agent_instance_id,
+                        host_name: &self.facts.host_name,
+                        host_ip: self.facts.host_ip,
+                        interfaces: self.interfaces,
+                    },
+                };
+                let mut process_renders = process.renders.clone();
+                let names = self
+                    .analyzers
+                    .analyze(&input, &mut renders, &mut process_renders);
+                Named {
+                    pid,
+                    pod: pod_name(job.pod),
+                    generation: job.generation,
+                    names,
+                    renders: process_renders,
+                }
+            })
+            .collect()
     }
 }
 
@@ -534,12 +650,10 @@ fn pod_key(pod: &Pod) -> &str {
     pod.metadata.uid.as_deref().unwrap_or_else(|| pod_name(pod))
 }
 
-/// A hash of every field of `entity` (SipHash with fixed keys: the same in every run).
+/// A hash of every field of `entity` (the same in every run: a fixed seed).
 fn entity_hash(entity: &ProcessEntity) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::hash::DefaultHasher::new();
-    entity.hash(&mut hasher);
-    hasher.finish()
+    use std::hash::BuildHasher as _;
+    foldhash::fast::FixedState::with_seed(0).hash_one(entity)
 }
 
 fn instance_of(names: &EntityNames) -> Instance {

@@ -847,12 +847,13 @@ fn processes_of_one_container_share_what_reads_no_process() {
 #[test]
 fn what_reads_only_the_process_is_rendered_once_per_process() {
     // The process name reads only `.Process`: kept across pod changes. The instance name reads
-    // the pod and the process: rendered again for each pod.
+    // the pod and the process: rendered again for each pod. (A template of one `.Process` field
+    // alone is not rendered at all.)
     let analyzers = Analyzers::new(&[analyzer(
         &[],
         "{{.Pod.Name}}",
         "{{.Pod.Name}}-{{.Process.Pid}}",
-        "{{.Process.ExeName}}",
+        "{{.Process.ExeName}}.{{.Process.Pid}}",
     )])
     .unwrap();
     let process = ProcessFixture::new(10, "java", &["java"]);
@@ -884,9 +885,68 @@ fn what_reads_only_the_process_is_rendered_once_per_process() {
                 .iter()
                 .map(|(_, output)| output.as_str())
                 .collect::<Vec<_>>(),
-            ["java"]
+            ["java.10"]
         );
     }
-    let expected = |pod: &str| (pod.to_owned(), format!("{pod}-10"), "java".to_owned());
+    let expected = |pod: &str| (pod.to_owned(), format!("{pod}-10"), "java.10".to_owned());
     assert_eq!(names, [expected("cart-1"), expected("cart-2")]);
+}
+
+#[test]
+fn a_template_of_one_process_field_gives_what_rendering_it_gives() {
+    let fields = [
+        "{{.Process.ExeName}}",
+        "{{ .Process.CommandLine }}",
+        "{{.Process.ExeNameInCommandLine  }}",
+    ];
+    let processes = [
+        ProcessFixture::new(7, "java", &["/usr/bin/java", "-jar", "app.jar"]),
+        ProcessFixture::new(8, "a <b> & \"c\" 'd' é", &["x y", "<&>", "\u{1F600}"]),
+        ProcessFixture::new(9, "", &[]),
+    ];
+    let interfaces = interfaces();
+    let pod = Pod::default();
+    for source in fields {
+        let direct = KeyedTemplate::name("key".to_owned(), source).unwrap();
+        assert!(direct.field.is_some(), "{source} is read directly");
+        let mut rendered = KeyedTemplate::name("key".to_owned(), source).unwrap();
+        rendered.field = None;
+        for process in &processes {
+            let input = AnalyzerInput {
+                pod: &pod,
+                service: None,
+                container_name: "app",
+                process: process.values(),
+                rover: rover_values(&interfaces),
+            };
+            let output = |template: &KeyedTemplate| {
+                let mut contexts = Contexts {
+                    input: &input,
+                    needs: PodNeeds::default(),
+                    built: Default::default(),
+                };
+                let mut container = ContainerRenders(vec![None]);
+                let mut process = ProcessRenders::default();
+                let mut renders = Renders {
+                    container: &mut container,
+                    process: &mut process,
+                };
+                template.render(&mut contexts, &mut renders).unwrap()
+            };
+            assert_eq!(output(&direct), output(&rendered), "{source}");
+        }
+    }
+    // Anything more is rendered.
+    for source in [
+        "{{.Process.ExeName}}-x",
+        " {{.Process.ExeName}}",
+        "{{- .Process.ExeName}}",
+        "{{.Process.ExeName}}{{.Process.Pid}}",
+        "{{.Process.Pid}}",
+        "{{.Process.ExeFilePath}}",
+        "{{.Process.ExeName | printf \"%q\"}}",
+    ] {
+        let template = KeyedTemplate::name("key".to_owned(), source).unwrap();
+        assert_eq!(template.field, None, "{source}");
+    }
 }

@@ -2,7 +2,7 @@
 //! name and the instance, without the pid, so two processes of one instance with one name (two
 //! `python` workers of a pod) would merge into one backend process.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt as _};
 
 use crate::process::entity::EntityNames;
 

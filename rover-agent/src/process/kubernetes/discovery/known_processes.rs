@@ -5,26 +5,24 @@
 //! Many reads at once (the first scan, a scan without the kernel's word) are spread over a few
 //! threads: procfs reads are system-call bound and scale with cores.
 
-use std::collections::{HashMap, HashSet};
+// foldhash: the maps of thousands of processes hashed at every first scan, where SipHash
+// cost a fifth of naming them.
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::fs;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use tracing::{debug, warn};
 
-use super::DiscoveryError;
+use super::{DiscoveryError, threads};
 use crate::process::cgroup::{CgroupReader, ContainerId};
 use crate::process::kubernetes::analyzer::ProcessRenders;
 use crate::process::proc_files::{
-    CommandLine, ListedProcess, ProcessList, Stat, can_open_exe, exe_name, read_arguments,
+    CommandLine, ListedProcess, ProcessList, can_open_exe, exe_name, read_arguments,
     read_command_line, read_stat,
 };
 
 /// Below this many reads one thread does them: a thread costs more than it saves.
 pub(super) const PARALLEL_READS_MIN: usize = 256;
-/// The most threads a scan reads with: enough for the first scan of a busy node, few enough
-/// never to take a node's cores.
-const READ_THREADS_MAX: usize = 4;
 
 /// A process as the last read left it: the same while its start time and `comm` stay.
 pub(super) struct KnownProcess {
@@ -54,22 +52,17 @@ pub(super) struct KnownProcesses {
     self_pid: u32,
     processes: HashMap<u32, KnownProcess>,
     by_container: HashMap<ContainerId, Vec<u32>>,
-    /// The most threads reads spread over: asked once (the standard library reads cgroup
-    /// files to answer, which costs more than a pod event's whole pass).
-    read_threads: usize,
+    /// The most threads a scan spreads over ([`threads::available`]).
+    threads: usize,
     /// Lists every process at once for the scans that read every one; `None`: each process's
     /// files are read.
     list: Option<Box<dyn ProcessList>>,
 }
 
-/// What a list of every process told of one: its `stat`, its cgroup file's text when whole, and
-/// where its arguments are.
-type Listed = (Stat, Option<String>, Range<u64>);
-
 /// One process to read, with what was known of it.
 struct Job {
     pid: u32,
-    listed: Option<Listed>,
+    listed: Option<ListedProcess>,
     before: Option<KnownProcess>,
     /// Without the kernel's word: kept as it was when its `stat` did not change.
     keep_if_unchanged: bool,
@@ -116,9 +109,7 @@ impl KnownProcesses {
             self_pid: std::process::id(),
             processes: HashMap::new(),
             by_container: HashMap::new(),
-            read_threads: std::thread::available_parallelism()
-                .map_or(1, usize::from)
-                .min(READ_THREADS_MAX),
+            threads: threads::available(),
             list: None,
         }
     }
@@ -131,6 +122,11 @@ impl KnownProcesses {
     /// The container of process `pid`, read now (the agent's own, to leave its pod out).
     pub(super) fn container_of(&mut self, pid: u32) -> Option<ContainerId> {
         self.cgroups.read(pid).ok().flatten()?.container_id
+    }
+
+    /// The most threads a scan spreads over.
+    pub(super) fn threads(&self) -> usize {
+        self.threads
     }
 
     pub(super) fn get(&self, pid: u32) -> Option<&KnownProcess> {
@@ -151,7 +147,7 @@ impl KnownProcesses {
     /// outside containers. Returns the containers whose processes changed.
     pub(super) fn read(
         &mut self,
-        changed: Option<&HashSet<u32>>,
+        changed: Option<&std::collections::HashSet<u32>>,
         recheck_cgroups: bool,
     ) -> Result<HashSet<ContainerId>, DiscoveryError> {
         let mut listed = HashSet::with_capacity(self.processes.len() + 64);
@@ -198,21 +194,12 @@ impl KnownProcesses {
     fn list_processes(
         &mut self,
         use_list: bool,
-    ) -> Result<Vec<(u32, Option<Listed>)>, DiscoveryError> {
-        let mut listed: HashMap<u32, Listed> = HashMap::new();
+    ) -> Result<Vec<(u32, Option<ListedProcess>)>, DiscoveryError> {
+        let mut listed: HashMap<u32, ListedProcess> = HashMap::new();
         if use_list && let Some(list) = &mut self.list {
             match list.list() {
                 Ok(processes) => {
-                    listed.reserve(processes.len());
-                    for ListedProcess {
-                        pid,
-                        stat,
-                        cgroup_file,
-                        arguments,
-                    } in processes
-                    {
-                        listed.insert(pid, (stat, cgroup_file, arguments));
-                    }
+                    listed.extend(processes.into_iter().map(|process| (process.pid, process)));
                 }
                 Err(error) => {
                     warn!("listing processes through the kernel failed, procfs is read: {error:#}");
@@ -234,7 +221,10 @@ impl KnownProcesses {
 
     /// Reads the processes in `marked` (exec'd or exited) and no other. Returns the containers
     /// whose processes changed.
-    pub(super) fn read_only(&mut self, marked: &HashSet<u32>) -> HashSet<ContainerId> {
+    pub(super) fn read_only(
+        &mut self,
+        marked: &std::collections::HashSet<u32>,
+    ) -> HashSet<ContainerId> {
         let jobs = marked
             .iter()
             .filter(|&&pid| pid != self.self_pid)
@@ -288,45 +278,20 @@ impl KnownProcesses {
 
     /// Does `jobs`, on a few threads when there are many.
     fn read_all(&mut self, jobs: Vec<Job>) -> Vec<Outcome> {
-        let threads = self
-            .read_threads
-            .min(jobs.len() / PARALLEL_READS_MIN)
-            .max(1);
+        let threads = self.threads.min(jobs.len() / PARALLEL_READS_MIN).max(1);
         if threads == 1 {
             return jobs
                 .into_iter()
                 .map(|job| read_process(&self.proc_root, &mut self.cgroups, job))
                 .collect();
         }
-        let chunk = jobs.len().div_ceil(threads);
-        let mut jobs = jobs.into_iter();
-        let chunks: Vec<Vec<Job>> = (0..threads)
-            .map(|_| jobs.by_ref().take(chunk).collect())
-            .collect();
         let proc_root = &self.proc_root;
-        let done: Vec<(Vec<Outcome>, CgroupReader)> = std::thread::scope(|scope| {
-            let workers: Vec<_> = chunks
-                .into_iter()
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        let mut cgroups = CgroupReader::new(proc_root);
-                        let outcomes = chunk
-                            .into_iter()
-                            .map(|job| read_process(proc_root, &mut cgroups, job))
-                            .collect();
-                        (outcomes, cgroups)
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|worker| {
-                    worker
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect()
-        });
+        let done = threads::split(
+            jobs,
+            threads,
+            || CgroupReader::new(proc_root),
+            |cgroups, job| read_process(proc_root, cgroups, job),
+        );
         let mut outcomes = Vec::new();
         for (done, cgroups) in done {
             self.cgroups.count_unrecognized_of(&cgroups);
@@ -346,9 +311,15 @@ fn read_process(proc_root: &Path, cgroups: &mut CgroupReader, job: Job) -> Outco
         keep_if_unchanged,
     } = job;
     let proc_dir = proc_root.join(pid.to_string());
-    let (stat, cgroup_file, arguments) = match listed {
-        Some((stat, cgroup_file, arguments)) => (Some(stat), cgroup_file, Some(arguments)),
-        None => (read_stat(&proc_dir), None, None),
+    let (stat, cgroup_file, arguments, has_exe_file) = match listed {
+        Some(ListedProcess {
+            stat,
+            cgroup_file,
+            arguments,
+            has_exe_file,
+            ..
+        }) => (Some(stat), cgroup_file, Some(arguments), has_exe_file),
+        None => (read_stat(&proc_dir), None, None, false),
     };
     let Some(stat) = stat.filter(|stat| !stat.is_gone()) else {
         return Outcome::skipped(pid, before);
@@ -378,8 +349,12 @@ fn read_process(proc_root: &Path, cgroups: &mut CgroupReader, job: Job) -> Outco
     };
     let container = match container_id {
         Some(id) => {
-            let Some(command_line) = arguments
-                .and_then(|arguments| read_arguments(pid, arguments))
+            let from_memory = arguments.and_then(|arguments| read_arguments(pid, arguments));
+            // Reading its memory took the right to trace it, more than opening its `exe` asks
+            // (PTRACE_MODE_ATTACH against READ): with an executable mapped, that opens, and the
+            // open (two system calls and a path walk, a third of a first scan's reads) is spared.
+            let exe_opens = from_memory.is_some() && has_exe_file;
+            let Some(command_line) = from_memory
                 .or_else(|| read_command_line(&proc_dir))
                 .filter(|line| !line.is_empty())
             else {
@@ -397,7 +372,7 @@ fn read_process(proc_root: &Path, cgroups: &mut CgroupReader, job: Job) -> Outco
                 exe_name: exe_name(&stat.comm, command_line.argv0()),
                 id,
                 command_line,
-                profilable: can_open_exe(&proc_dir),
+                profilable: exe_opens || can_open_exe(&proc_dir),
                 named,
                 renders,
             })

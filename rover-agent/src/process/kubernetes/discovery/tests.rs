@@ -1,3 +1,4 @@
+use std::collections::HashSet;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -408,7 +409,7 @@ fn names_stay_unique_across_pods_that_share_an_instance() {
 }
 
 #[test]
-fn many_processes_read_on_several_threads_are_all_found() {
+fn many_processes_read_and_named_on_several_threads_are_all_found() {
     let proc = FakeProc(tempfile::tempdir().unwrap());
     let count = 3 * known_processes::PARALLEL_READS_MIN as u32;
     // Above any real pid (`pid_max` is at most 2^22): the test's own pid, whose cgroup names the
@@ -449,6 +450,16 @@ fn many_processes_read_on_several_threads_are_all_found() {
         .collect();
     assert_eq!(names.len(), count as usize);
     assert!(names.contains("worker"));
+    // Each in its own container (the two are named on two threads).
+    for entity in &changes.added {
+        let expected = if entity.pid % 2 == 0 { "app" } else { "helper" };
+        assert!(
+            entity
+                .properties
+                .contains(&("container_name".to_owned(), expected.to_owned())),
+            "{entity:?}"
+        );
+    }
 }
 
 /// A list of processes as a test tells it; `None`: the list fails.
@@ -472,6 +483,7 @@ impl ProcessList for FakeList {
                         start_time: *start_time,
                     },
                     cgroup_file: Some(cgroup.clone()),
+                    has_exe_file: true,
                     // Nowhere: the command line is read from `cmdline`.
                     arguments: 0..0,
                 },
