@@ -33,7 +33,7 @@ mod fixtures;
 
 pub use fixtures::{hex64, pod, service};
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -220,6 +220,8 @@ struct Objects {
     history: VecDeque<Arc<Change>>,
     requests: Vec<RecordedRequest>,
     gone_as_http_status: bool,
+    /// Kinds whose lists and watches are answered `403 Forbidden` (a ClusterRole without them).
+    forbidden: BTreeSet<Kind>,
 }
 
 /// The state shared by the server and the test.
@@ -285,6 +287,7 @@ impl FakeKube {
                     history: VecDeque::new(),
                     requests: Vec::new(),
                     gone_as_http_status: false,
+                    forbidden: BTreeSet::new(),
                 }),
                 live,
                 end_watches,
@@ -469,6 +472,17 @@ impl FakeKube {
     /// `ERROR` event (what the API server sends).
     pub fn set_gone_as_http_status(&self, http_status: bool) {
         self.shared.objects().gone_as_http_status = http_status;
+    }
+
+    /// Answers lists and watches of `kind` with `403 Forbidden` while `forbidden`, as the API
+    /// server does for a service account whose role lacks them.
+    pub fn forbid(&self, kind: Kind, forbidden: bool) {
+        let mut objects = self.shared.objects();
+        if forbidden {
+            objects.forbidden.insert(kind);
+        } else {
+            objects.forbidden.remove(&kind);
+        }
     }
 
     /// Sends a `BOOKMARK` at the current resource version to every open watch that asked for
@@ -668,6 +682,18 @@ fn answer(
         status: 200,
         gone: false,
     };
+    if objects.forbidden.contains(&kind) {
+        request.status = 403;
+        shared.record(&mut objects, request);
+        return failure(
+            403,
+            "Forbidden",
+            format!(
+                "{} is forbidden: the service account cannot list or watch it",
+                kind.plural()
+            ),
+        );
+    }
     let refused = |objects: &mut Objects, mut request: RecordedRequest, message: String| {
         request.status = 400;
         shared.record(objects, request);

@@ -1069,3 +1069,73 @@ fn host_name() -> String {
         .trim()
         .to_owned()
 }
+
+#[tokio::test]
+async fn pods_are_named_only_once_their_services_are_listed() {
+    let Some(_lock) = prerequisites("pods_are_named_only_once_their_services_are_listed") else {
+        return;
+    };
+    let mut node = Node::start();
+    let orders = TestPod::new("shop", "orders-6b7c9d-q4w8z", "10.244.4.41")
+        .label("app", "orders")
+        .container("orders", CgroupLayout::ContainerdSystemd);
+    node.kube
+        .apply_service(fake_kube::service("shop", "orders", &[("app", "orders")]));
+    node.kube.apply_pod(orders.pod());
+    let pid = node.run_in(&orders, "orders", &mut sleep(607));
+    // Services cannot be listed yet: named now, the pod would go under the workload analyzer
+    // (no Service), be reported so, and be renamed later.
+    node.kube.forbid(fake_kube::Kind::Services, true);
+
+    let mut agent = NodeAgent::start(&node.config(Vec::new()), &[]);
+    // Services asked for and refused, then two heartbeats' time (with nothing to report, none
+    // is sent).
+    let asked = Instant::now();
+    while !node
+        .kube
+        .requests()
+        .iter()
+        .any(|request| request.status == 403)
+    {
+        assert!(
+            asked.elapsed() < WAIT,
+            "Services were never asked for\n{}",
+            node.context(&agent)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(2 * HEARTBEAT + HEARTBEAT_SLACK).await;
+    let recorded = node.oap.recorded();
+    assert!(
+        !k8s_processes(&recorded).contains_key(&pid_i32(pid)),
+        "the pod's process was named before its Service could be known\n{}",
+        node.context(&agent)
+    );
+
+    node.kube.forbid(fake_kube::Kind::Services, false);
+    let recorded = node
+        .wait(&agent, "the pod's process", WAIT, |r| reported(r, &[pid]))
+        .await;
+    agent.assert_running(&node.oap);
+    let expected = Expected {
+        pid,
+        layer: "K8S_SERVICE",
+        service: "orders.shop".to_owned(),
+        pod: &orders,
+        container: "orders",
+        process: "sleep".to_owned(),
+        label: "k8s-service",
+        command_line: "sleep 607".to_owned(),
+    };
+    expected.check(&recorded, &agent_host_ip(), &node.context(&agent));
+    // Never reported under another name.
+    for heartbeat in heartbeats(&recorded) {
+        for names in &heartbeat.names {
+            assert!(
+                names.1 != orders.name || *names == expected.names(),
+                "reported as {names:?}\n{}",
+                node.context(&agent)
+            );
+        }
+    }
+}

@@ -25,6 +25,10 @@ const POD_CHANGE_DELAY: Duration = Duration::from_millis(300);
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// This many processes added and reported make the heartbeat give freed heap back.
 const MANY_ADDED: usize = 256;
+/// The pods' processes are first named once both pods and Services were listed (a name may
+/// come from a pod's Service): at most this long after the watch started, then without the
+/// watchers not done (a ClusterRole without `services` would hold them forever).
+const FIRST_LISTING_WAIT: Duration = Duration::from_secs(30);
 
 /// What finds this node's processes, as configured (validated, not started).
 pub struct NodeSources {
@@ -48,6 +52,9 @@ pub struct ProcessSources {
     /// The kernel's marks taken by pod passes since the last scan, for the scan to read too
     /// (the host rules have not seen them); `None` when one pass could not tell.
     marked_since_scan: Option<HashSet<u32>>,
+    /// Whether the pods' processes were scanned once (see [`FIRST_LISTING_WAIT`]).
+    kubernetes_scanned: bool,
+    kubernetes_started: std::time::Instant,
 }
 
 impl ProcessSources {
@@ -104,6 +111,8 @@ impl ProcessSources {
             kubernetes,
             changes,
             marked_since_scan: Some(HashSet::new()),
+            kubernetes_scanned: false,
+            kubernetes_started: std::time::Instant::now(),
         })
     }
 
@@ -133,19 +142,55 @@ impl ProcessSources {
                 Err(error) => warn!("scanning host processes: {error}"),
             }
         }
-        if let Some((discovery, watch)) = &mut self.kubernetes {
-            match discovery.scan(&watch.snapshot(), changed.as_ref()) {
+        if self.may_name_pods()
+            && let Some((discovery, watch)) = &mut self.kubernetes
+        {
+            // The first scan reads every process: marks before it say nothing of them.
+            let changed = changed.as_ref().filter(|_| self.kubernetes_scanned);
+            match discovery.scan(&watch.snapshot(), changed) {
                 Ok(changes) => merge(&mut all, changes),
                 Err(error) => warn!("scanning the processes of pods: {error}"),
             }
+            self.kubernetes_scanned = true;
         }
         all
+    }
+
+    /// Whether the pods' processes may be named: after the first listing of pods and Services
+    /// (names depend on both: named before the Services are known, a pod's processes would be
+    /// reported under another service, then renamed), or once [`FIRST_LISTING_WAIT`] passed.
+    fn may_name_pods(&mut self) -> bool {
+        let Some((_, watch)) = &self.kubernetes else {
+            return false;
+        };
+        if self.kubernetes_scanned || watch.is_ready() {
+            return true;
+        }
+        if self.kubernetes_started.elapsed() < FIRST_LISTING_WAIT {
+            debug!("the pods' processes wait for the first listing of pods and Services");
+            return false;
+        }
+        warn!(
+            "pods and Services are not both listed {}s after the watch started: the pods' \
+             processes are named with what is known (the ClusterRole needs get, list and watch \
+             on pods and services)",
+            FIRST_LISTING_WAIT.as_secs()
+        );
+        true
     }
 
     /// After the pods or Services changed: the changes of the pods' processes, without a pass
     /// over `/proc`. Blocking. The processes the kernel marked meanwhile are read first (a new pod's processes exec'd
     /// just before its containers' ids came): the marks are kept for the next scan.
     fn pods_changed(&mut self) -> ScanChanges {
+        if !self.kubernetes_scanned {
+            // The first naming of the pods' processes is a scan (none is known yet).
+            return if self.may_name_pods() {
+                self.scan()
+            } else {
+                ScanChanges::default()
+            };
+        }
         let changed = self.changed();
         let Some((discovery, watch)) = &mut self.kubernetes else {
             return ScanChanges::default();
