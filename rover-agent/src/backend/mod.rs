@@ -3,6 +3,8 @@
 
 mod backoff;
 mod connection;
+mod continuous_policy;
+mod continuous_report;
 mod profiling_data;
 mod reporter;
 mod task_command;
@@ -12,6 +14,14 @@ use std::path::PathBuf;
 
 pub use backoff::Backoff;
 pub use connection::Backend;
+pub use continuous_policy::{
+    DroppedPolicy, MAX_PERIOD_SECS, Monitor, NotSupported, Policy, PolicyItem, PolicyReplyError,
+    ServicePolicy, TargetPolicy, parse_policy_reply,
+};
+pub use continuous_report::{
+    MeterValue, ReportReplyError, TriggerCause, encode_meters, encode_report, meter_name,
+    parse_report_reply,
+};
 pub use profiling_data::{UploadTask, WindowBatch, encode_window};
 pub use reporter::{ProcessDirectory, ProcessReporter};
 pub use task_command::{

@@ -275,6 +275,10 @@ pub struct RoverRsSettings {
     /// `shutdown_deadline`: how long pending data may still be sent on shutdown (default 5s;
     /// 0 sends nothing more).
     pub shutdown_deadline: Duration,
+    /// `max_triggered_runs`: most continuous-profiling runs at once, over all processes and
+    /// targets (default 10, at least 1); a trigger beyond it waits for the next check. Rover has
+    /// no such bound, so a policy matching many hot processes profiles them all at once.
+    pub max_triggered_runs: u32,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -686,6 +690,18 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
             parse_duration,
         )?
         .unwrap_or(Duration::from_secs(5));
+    let max_triggered_runs = r
+        .scalar(
+            cx,
+            "max_triggered_runs",
+            "a whole number, at least 1",
+            |s| {
+                parse_u64(s)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|n| *n >= 1)
+            },
+        )?
+        .unwrap_or(10);
     r.finish()?;
     Ok(RoverRsSettings {
         off_cpu_sample_probability,
@@ -693,6 +709,7 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
         max_targets,
         upload_buffer,
         shutdown_deadline,
+        max_triggered_runs,
     })
 }
 

@@ -128,6 +128,7 @@ fn default_rover_rs() -> RoverRsSettings {
         max_targets: 1024,
         upload_buffer: 16 * 1024 * 1024,
         shutdown_deadline: S(5),
+        max_triggered_runs: 10,
     }
 }
 
@@ -265,6 +266,7 @@ fn the_shipped_example_loads_without_warnings() {
             ("ROVER_RS_MAX_TARGETS", "16"),
             ("ROVER_RS_UPLOAD_BUFFER", "1GB"),
             ("ROVER_RS_SHUTDOWN_DEADLINE", "0"),
+            ("ROVER_RS_MAX_TRIGGERED_RUNS", "3"),
         ],
     )
     .settings
@@ -277,6 +279,7 @@ fn the_shipped_example_loads_without_warnings() {
             max_targets: 16,
             upload_buffer: 1_000_000_000,
             shutdown_deadline: Duration::ZERO,
+            max_triggered_runs: 3,
         }
     );
 }
@@ -680,5 +683,105 @@ fn odd_inputs_do_not_panic() {
     ];
     for yaml in inputs {
         let _ = Settings::parse(yaml, &no_env);
+    }
+}
+
+/// Every `profiling.continuous` key from Rover's environment names, in Rover's file and ours.
+#[test]
+fn continuous_keys_take_rovers_environment_names() {
+    let vars = [
+        ("ROVER_PROFILING_CONTINUOUS_METER_PREFIX", "my_meters"),
+        ("ROVER_PROFILING_CONTINUOUS_FETCH_INTERVAL", "500ms"),
+        ("ROVER_PROFILING_CONTINUOUS_CHECK_INTERVAL", "10s"),
+        ("ROVER_PROFILING_CONTINUOUS_TRIGGER_EXECUTE_DURATION", "5m"),
+        ("ROVER_PROFILING_CONTINUOUS_TRIGGER_SILENCE_DURATION", "1h"),
+    ];
+    for file in [ROVER_070, SHIPPED] {
+        let continuous = load_env(file, &vars).settings.profiling.continuous;
+        assert_eq!(
+            continuous,
+            ContinuousSettings {
+                meter_prefix: "my_meters".into(),
+                fetch_interval: Duration::from_millis(500),
+                check_interval: S(10),
+                execute_duration: S(300),
+                silence_duration: S(3600),
+            }
+        );
+    }
+    // An empty variable gives the default, as in Rover.
+    let empty: Vec<_> = vars.iter().map(|(name, _)| (*name, "")).collect();
+    assert_eq!(
+        load_env(ROVER_070, &empty).settings.profiling.continuous,
+        default_profiling().continuous
+    );
+}
+
+#[test]
+fn bad_continuous_values_name_their_key() {
+    for key in ["fetch_interval", "check_interval"] {
+        for bad in ["0", "0s", "soon", "-1s", "5"] {
+            assert_err(
+                &format!("profiling:\n  continuous:\n    {key}: {bad}\n"),
+                &[
+                    &format!("`profiling.continuous.{key}`"),
+                    &format!("`{bad}`"),
+                    "greater than zero",
+                ],
+            );
+        }
+    }
+    for key in ["execute_duration", "silence_duration"] {
+        assert_err(
+            &format!("profiling:\n  continuous:\n    trigger:\n      {key}: 10 minutes\n"),
+            &[
+                &format!("`profiling.continuous.trigger.{key}`"),
+                "`10 minutes`",
+            ],
+        );
+    }
+    let e = Settings::parse(
+        ROVER_070,
+        &env_of(&[("ROVER_PROFILING_CONTINUOUS_FETCH_INTERVAL", "often")]),
+    )
+    .expect_err("refused")
+    .to_string();
+    assert!(
+        e.contains("`profiling.continuous.fetch_interval`: `often`"),
+        "{e}"
+    );
+    assert_err(
+        "profiling:\n  continuous:\n    trigger:\n      silence: 1m\n",
+        &["unknown key `profiling.continuous.trigger.silence`"],
+    );
+    // A blank prefix is the default one (meter names need a prefix).
+    assert_eq!(
+        load("profiling:\n  continuous:\n    meter_prefix: \" \"\n")
+            .settings
+            .profiling
+            .continuous
+            .meter_prefix,
+        "rover_con_p"
+    );
+}
+
+#[test]
+fn max_triggered_runs_is_at_least_one() {
+    assert_eq!(
+        load("rover_rs:\n  max_triggered_runs: 1\n")
+            .settings
+            .rover_rs
+            .max_triggered_runs,
+        1
+    );
+    for bad in ["0", "-1", "two", "4294967296", "1.5"] {
+        assert_err(
+            &format!("rover_rs:\n  max_triggered_runs: {bad}\n"),
+            &[
+                "`rover_rs.max_triggered_runs`",
+                &format!("`{bad}`"),
+                "at least 1",
+            ],
+        );
     }
 }

@@ -33,16 +33,24 @@ pub(crate) const PF_KTHREAD: u64 = 0x0020_0000;
 /// or the file is not in that form.
 pub(crate) fn read_stat(proc_dir: &Path) -> Option<Stat> {
     let text = fs::read_to_string(proc_dir.join("stat")).ok()?;
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text.get(open + 1..close)?.to_owned();
-    let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    let (comm, fields) = split_stat(&text)?;
+    let fields: Vec<&str> = fields.collect();
     Some(Stat {
-        comm,
+        comm: comm.to_owned(),
         state: fields.first()?.chars().next()?,
         flags: fields.get(6)?.parse().ok()?,
         start_time: fields.get(19)?.parse().ok()?,
     })
+}
+
+/// `/proc/PID/stat` split into the comm and the fields after it, `state` (field 3) first.
+pub(crate) fn split_stat(text: &str) -> Option<(&str, std::str::SplitWhitespace<'_>)> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    Some((
+        text.get(open + 1..close)?,
+        text.get(close + 1..)?.split_whitespace(),
+    ))
 }
 
 /// A process's command line: its arguments joined by spaces (what Rover calls the command

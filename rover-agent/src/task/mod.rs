@@ -10,6 +10,7 @@
 mod agent;
 mod backend_tasks;
 mod collector;
+pub mod continuous;
 mod discovery;
 mod node;
 mod stacks;
