@@ -19,6 +19,7 @@ const C_WORKLOADS: &[&str] = &[
     "fork_churn",
     "deep_recursion",
     "many_stacks",
+    "duty_cycle",
 ];
 const RUST_WORKLOADS: &[&str] = &["rust_spin"];
 
