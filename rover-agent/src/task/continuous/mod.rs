@@ -5,8 +5,10 @@
 //! This is the checking half; the scheduler that polls policies, reports fired triggers and
 //! starts their runs builds on it.
 
+mod checker;
 mod sampler;
 mod window;
 
+pub use checker::{Checker, Fired, Readings};
 pub use sampler::{CpuUsage, ProcReader, ProcessStat, SampleError};
 pub use window::CheckWindow;
