@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use rover_proto::v3::continuous_profiling_service_client::ContinuousProfilingServiceClient;
 use rover_proto::v3::ebpf_process_service_client::EbpfProcessServiceClient;
 use rover_proto::v3::ebpf_profiling_service_client::EbpfProfilingServiceClient;
+use rover_proto::v3::meter_report_service_client::MeterReportServiceClient;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -35,6 +37,9 @@ pub struct Backend {
 
 pub type ProcessClient = EbpfProcessServiceClient<InterceptedService<Channel, Authentication>>;
 pub type ProfilingClient = EbpfProfilingServiceClient<InterceptedService<Channel, Authentication>>;
+pub type ContinuousClient =
+    ContinuousProfilingServiceClient<InterceptedService<Channel, Authentication>>;
+pub type MeterClient = MeterReportServiceClient<InterceptedService<Channel, Authentication>>;
 
 impl Backend {
     /// Sets up the channel; fails only on local problems (unreadable certificate files, a bad
@@ -93,6 +98,14 @@ impl Backend {
 
     pub fn profiling(&self) -> ProfilingClient {
         EbpfProfilingServiceClient::new(self.channel.clone())
+    }
+
+    pub fn continuous(&self) -> ContinuousClient {
+        ContinuousProfilingServiceClient::new(self.channel.clone())
+    }
+
+    pub fn meters(&self) -> MeterClient {
+        MeterReportServiceClient::new(self.channel.clone())
     }
 
     /// The channel itself, for a call the generated clients cannot make (an upload of messages

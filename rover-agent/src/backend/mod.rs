@@ -1,8 +1,10 @@
-//! The SkyWalking backend (OAP): the gRPC channel, process reporting, the task poll, and the
-//! upload of profiling windows, encoded for SkyWalking. It never sees aya or `rover-common`.
+//! The SkyWalking backend (OAP): the gRPC channel, process reporting, the task poll, the
+//! upload of profiling windows, encoded for SkyWalking, and continuous profiling's policies,
+//! triggers and meters. It never sees aya or `rover-common`.
 
 mod backoff;
 mod connection;
+mod continuous_calls;
 mod continuous_policy;
 mod continuous_report;
 mod profiling_data;
@@ -14,6 +16,9 @@ use std::path::PathBuf;
 
 pub use backoff::Backoff;
 pub use connection::Backend;
+pub use continuous_calls::{
+    ContinuousCallError, query_policies, report_meters, report_profiling_task,
+};
 pub use continuous_policy::{
     DroppedPolicy, MAX_PERIOD_SECS, Monitor, NotSupported, Policy, PolicyItem, PolicyReplyError,
     ServicePolicy, TargetPolicy, parse_policy_reply,

@@ -20,19 +20,32 @@ use crate::process::{EntityIdentity, ProcessEntity, ProcessOrigin};
 const REPORT_CHUNK: usize = 500;
 const SUPPORT_EBPF_PROFILING: &str = "support_ebpf_profiling";
 
-/// The OAP's process ids of the processes this agent reported, to their pids: what tasks name.
+/// The OAP's process ids of the processes this agent reported, to their entities (pid
+/// included): what tasks name, and what continuous profiling checks.
 #[derive(Clone, Debug, Default)]
-pub struct ProcessDirectory(Arc<RwLock<HashMap<String, u32>>>);
+pub struct ProcessDirectory(Arc<RwLock<HashMap<String, Arc<ProcessEntity>>>>);
 
 impl ProcessDirectory {
     /// The local pid of the OAP's process `id`, if this agent reported it.
     pub fn pid(&self, id: &str) -> Option<u32> {
-        self.0.read().ok()?.get(id).copied()
+        Some(self.0.read().ok()?.get(id)?.pid)
     }
 
-    fn set(&self, id: String, pid: u32) {
+    /// Every process the OAP knows by an id, with that id.
+    pub fn reported(&self) -> Vec<(String, Arc<ProcessEntity>)> {
+        self.0.read().map_or_else(
+            |_| Vec::new(),
+            |ids| {
+                ids.iter()
+                    .map(|(id, entity)| (id.clone(), Arc::clone(entity)))
+                    .collect()
+            },
+        )
+    }
+
+    fn set(&self, id: String, entity: &ProcessEntity) {
         if let Ok(mut ids) = self.0.write() {
-            ids.insert(id, pid);
+            ids.insert(id, Arc::new(entity.clone()));
         }
     }
 
@@ -237,7 +250,8 @@ impl ProcessReporter {
             if let Some(old) = process.id.replace(downstream.process_id.clone()) {
                 self.directory.remove(&old);
             }
-            self.directory.set(downstream.process_id.clone(), pid);
+            self.directory
+                .set(downstream.process_id.clone(), &process.entity);
             matched.insert(pid);
         }
         matched
@@ -356,8 +370,13 @@ mod tests {
         assert_eq!(directory.pid("id-10"), Some(10));
         assert_eq!(directory.pid("id-11"), None);
         assert_eq!(directory.pid("id-12"), None);
+        let reported = directory.reported();
+        assert_eq!(reported.len(), 1);
+        assert_eq!(reported[0].0, "id-10");
+        assert_eq!(*reported[0].1, entity(10, "app"));
         // An exited process leaves the directory: tasks can no longer name it.
         reporter.removed(10);
         assert_eq!(directory.pid("id-10"), None);
+        assert!(directory.reported().is_empty());
     }
 }

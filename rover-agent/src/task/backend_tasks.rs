@@ -31,7 +31,7 @@ struct RunKey {
     process_ids: Vec<String>,
 }
 
-enum RunControl {
+pub(super) enum RunControl {
     /// Run at least this long from now.
     Extend(Duration),
     Stop,
@@ -202,19 +202,22 @@ impl BackendTasks {
     }
 }
 
-/// One run of a backend task on this node.
-struct Run {
-    agent: Arc<Agent>,
-    buffer: Arc<UploadBuffer>,
-    flush_interval: Duration,
-    task_id: String,
-    kind: ProfilerKind,
-    process_ids: HashMap<u32, String>,
-    duration: Duration,
+/// One run of a backend task on this node (or of a continuous trigger, which the OAP gave a
+/// task id).
+pub(super) struct Run {
+    pub agent: Arc<Agent>,
+    pub buffer: Arc<UploadBuffer>,
+    pub flush_interval: Duration,
+    pub task_id: String,
+    pub kind: ProfilerKind,
+    /// Local pid → the OAP's process id.
+    pub process_ids: HashMap<u32, String>,
+    pub duration: Duration,
 }
 
 impl Run {
-    async fn drive(self, wait: Duration, mut control: mpsc::UnboundedReceiver<RunControl>) {
+    /// Waits `wait`, records for `duration` (or longer when extended), uploads every window.
+    pub async fn drive(self, wait: Duration, mut control: mpsc::UnboundedReceiver<RunControl>) {
         let task_id = self.task_id.as_str();
         let mut extra = Duration::ZERO;
         if !wait.is_zero() {

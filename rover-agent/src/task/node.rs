@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::Agent;
 use super::backend_tasks::BackendTasks;
+use super::continuous::{ContinuousConfig, Scheduler};
 use super::discovery::{DEFAULT_SCAN_PERIOD, NodeSources, ProcessSources, discover_and_report};
 use crate::backend::{Backend, Backoff, ProcessDirectory, ProcessReporter, UploadBuffer, Uploader};
 use crate::config::Settings;
@@ -75,14 +76,26 @@ pub async fn run_node(
             stop.clone(),
         ))
     });
+    let continuous = settings.profiling.active.then(|| {
+        tokio::spawn(
+            Scheduler::new(
+                Arc::clone(&agent),
+                backend.clone(),
+                directory.clone(),
+                Arc::clone(&buffer),
+                ContinuousConfig::new(settings),
+            )
+            .run(stop.clone()),
+        )
+    });
 
     shutdown.await;
     info!("shutting down: stopping tasks, flushing what they recorded");
     let _ = stopping.send(true);
     let deadline = settings.rover_rs.shutdown_deadline;
     let finished = tokio::time::timeout(deadline, async {
-        if let Some(tasks) = tasks {
-            let _ = tasks.await;
+        for runs in [tasks, continuous].into_iter().flatten() {
+            let _ = runs.await;
         }
         let _ = stopping_upload.send(true);
         let _ = uploader.await;

@@ -2,13 +2,17 @@
 //! every `fetch_interval` into one-second windows, and a policy item fires when enough of its
 //! window reaches the threshold.
 //!
-//! This is the checking half; the scheduler that polls policies, reports fired triggers and
-//! starts their runs builds on it.
+//! The scheduler polls the policies, keeps the checker's processes those of the services with
+//! a policy, reports fired triggers and runs them on the shared agent.
 
 mod checker;
+mod policies;
 mod sampler;
+mod scheduler;
+mod triggers;
 mod window;
 
 pub use checker::{Checker, Fired, Readings};
 pub use sampler::{CpuUsage, ProcReader, ProcessStat, SampleError};
+pub(crate) use scheduler::{ContinuousConfig, Scheduler};
 pub use window::CheckWindow;
