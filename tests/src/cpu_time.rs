@@ -1,4 +1,5 @@
-//! CPU time of processes, for the benchmarks' binaries (never asserted by tests).
+//! CPU time of processes: for the benchmarks' binaries, and for tests whose expected sample
+//! count follows how much CPU a workload got.
 
 use std::time::Duration;
 

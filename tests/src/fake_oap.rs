@@ -9,8 +9,14 @@
 //!   ([`FakeOap::add_task`]) whose update time is strictly greater than the query's
 //!   `latestUpdateTime`; every `collectProfilingData` stream is recorded message by message
 //!   ([`ProfilingStream`]), with whether it ended cleanly.
-//! - `ContinuousProfilingService` and `MeterReportService`: recorded, answered empty (so an agent
-//!   never gets `Unimplemented`; the fake hands out no policy and no continuous task id).
+//! - `ContinuousProfilingService`: `queryPolicies` is recorded and answered, as the OAP does, with
+//!   one `ContinuousProfilingPolicyQuery` command listing every queried service whose policy
+//!   ([`FakeOap::set_policy`], [`FakeOap::remove_policy`]) has another UUID than the query sent
+//!   (`UUID` `""` for a removed one), or empty when none changed. `reportProfilingTask` is
+//!   recorded and answered with a `ContinuousProfilingReportTask` command carrying a new task id
+//!   (`continuous-N`, recorded in [`Recorded::continuous_task_ids`]), unless a reply was queued
+//!   with [`FakeOap::queue_report_reply`] (an empty or malformed one).
+//! - `MeterReportService`: every meter recorded, answered empty.
 //!
 //! Every call's `authentication` metadata (what SkyWalking agents send as `Authentication`) is
 //! recorded; with [`FakeOapConfig::required_authentication`] a call without the right value is
@@ -30,7 +36,7 @@ mod fold;
 pub use certs::{TestCertificates, install_crypto_provider};
 pub use fold::{FoldValue, ReceivedStacks, StackValue, fold_received};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -190,6 +196,8 @@ pub struct Recorded {
     pub profiling_streams: Vec<ProfilingStream>,
     pub policy_queries: Vec<ContinuousProfilingPolicyQuery>,
     pub continuous_reports: Vec<ContinuousProfilingReport>,
+    /// The task id each continuous report got (`None`: a queued reply without one was sent).
+    pub continuous_task_ids: Vec<Option<String>>,
     pub meters: Vec<MeterData>,
 }
 
@@ -322,9 +330,19 @@ fn host_or_k8s(
 struct Shared {
     recorded: Mutex<Recorded>,
     tasks: Mutex<Vec<TaskCommand>>,
+    /// Service → (UUID, the `Profiling` object of its policy).
+    policies: Mutex<BTreeMap<String, (String, serde_json::Value)>>,
+    /// Replies to send to the next `reportProfilingTask` calls, before giving task ids again.
+    report_replies: Mutex<VecDeque<Commands>>,
     serial: Mutex<u64>,
     changes: watch::Sender<u64>,
     required_authentication: Option<String>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Shared {
@@ -506,9 +524,46 @@ impl ContinuousProfilingService for Services {
     ) -> Result<Response<Commands>, Status> {
         self.0.check_call("queryPolicies", &request)?;
         let query = request.into_inner();
+        let changed: Vec<serde_json::Value> = {
+            let policies = locked(&self.0.policies);
+            query
+                .policies
+                .iter()
+                .filter_map(|queried| {
+                    match policies.get(&queried.service_name) {
+                        Some((uuid, profiling)) if *uuid != queried.uuid => {
+                            Some(serde_json::json!({
+                                "ServiceName": queried.service_name,
+                                "UUID": uuid,
+                                "Profiling": profiling,
+                            }))
+                        }
+                        Some(_) => None,
+                        None if queried.uuid.is_empty() => None,
+                        // Removed since the agent got it.
+                        None => Some(serde_json::json!({
+                            "ServiceName": queried.service_name,
+                            "UUID": "",
+                            "Profiling": {},
+                        })),
+                    }
+                })
+                .collect()
+        };
         self.0
             .record(|recorded| recorded.policy_queries.push(query));
-        Ok(Response::new(Commands::default()))
+        if changed.is_empty() {
+            return Ok(Response::new(Commands::default()));
+        }
+        Ok(Response::new(Commands {
+            commands: vec![Command {
+                command: "ContinuousProfilingPolicyQuery".to_owned(),
+                args: vec![KeyStringValuePair {
+                    key: "ServiceWithPolicyJSON".to_owned(),
+                    value: serde_json::Value::Array(changed).to_string(),
+                }],
+            }],
+        }))
     }
 
     async fn report_profiling_task(
@@ -517,9 +572,32 @@ impl ContinuousProfilingService for Services {
     ) -> Result<Response<Commands>, Status> {
         self.0.check_call("reportProfilingTask", &request)?;
         let report = request.into_inner();
-        self.0
-            .record(|recorded| recorded.continuous_reports.push(report));
-        Ok(Response::new(Commands::default()))
+        let queued = locked(&self.0.report_replies).pop_front();
+        let mut task_id = None;
+        self.0.record(|recorded| {
+            if queued.is_none() {
+                task_id = Some(format!(
+                    "continuous-{}",
+                    recorded.continuous_reports.len() + 1
+                ));
+            }
+            recorded.continuous_reports.push(report);
+            recorded.continuous_task_ids.push(task_id.clone());
+        });
+        let reply = match (queued, task_id) {
+            (Some(queued), _) => queued,
+            (None, Some(task_id)) => Commands {
+                commands: vec![Command {
+                    command: "ContinuousProfilingReportTask".to_owned(),
+                    args: vec![KeyStringValuePair {
+                        key: "TaskId".to_owned(),
+                        value: task_id,
+                    }],
+                }],
+            },
+            (None, None) => Commands::default(),
+        };
+        Ok(Response::new(reply))
     }
 }
 
@@ -579,6 +657,8 @@ impl FakeOap {
             shared: Arc::new(Shared {
                 recorded: Mutex::default(),
                 tasks: Mutex::default(),
+                policies: Mutex::default(),
+                report_replies: Mutex::default(),
                 serial: Mutex::default(),
                 changes,
                 required_authentication: config.required_authentication,
@@ -677,6 +757,25 @@ impl FakeOap {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(task);
         self.shared.changes.send_modify(|count| *count += 1);
+    }
+
+    /// Gives `service` the policy `uuid` with `profiling` as its `Profiling` object
+    /// (`{TARGET: {MONITOR: {Threshold, Period, Count}}}`); queries with another UUID get it.
+    pub fn set_policy(&self, service: &str, uuid: &str, profiling: serde_json::Value) {
+        locked(&self.shared.policies).insert(service.to_owned(), (uuid.to_owned(), profiling));
+        self.shared.changes.send_modify(|count| *count += 1);
+    }
+
+    /// Removes `service`'s policy: a query that names its old UUID gets UUID `""`.
+    pub fn remove_policy(&self, service: &str) {
+        locked(&self.shared.policies).remove(service);
+        self.shared.changes.send_modify(|count| *count += 1);
+    }
+
+    /// The next `reportProfilingTask` call gets `reply` (e.g. an empty or malformed one)
+    /// instead of a task id.
+    pub fn queue_report_reply(&self, reply: Commands) {
+        locked(&self.shared.report_replies).push_back(reply);
     }
 
     /// A copy of everything recorded so far.

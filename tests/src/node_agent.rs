@@ -95,6 +95,32 @@ impl KubernetesConfig {
     }
 }
 
+/// `profiling.continuous` and `rover_rs.max_triggered_runs`, as written in the file.
+#[derive(Clone, Debug)]
+pub struct ContinuousConfig {
+    pub fetch_interval: String,
+    pub check_interval: String,
+    pub execute_duration: String,
+    pub silence_duration: String,
+    pub meter_prefix: String,
+    pub max_triggered_runs: u32,
+}
+
+impl Default for ContinuousConfig {
+    /// Checks every second, runs of 5 s, a silence of a minute (no second trigger within a
+    /// test).
+    fn default() -> Self {
+        Self {
+            fetch_interval: "1s".to_owned(),
+            check_interval: "1s".to_owned(),
+            execute_duration: "5s".to_owned(),
+            silence_duration: "60s".to_owned(),
+            meter_prefix: "rover_con_p".to_owned(),
+            max_triggered_runs: 10,
+        }
+    }
+}
+
 /// The settings the tests vary; everything else is the agent's default. Periods are short so
 /// that a test sees several heartbeats, polls and flushes within seconds.
 #[derive(Clone, Debug)]
@@ -117,6 +143,8 @@ pub struct NodeConfig {
     pub upload_buffer: Option<String>,
     pub shutdown_deadline: String,
     pub log_level: String,
+    /// `profiling.continuous`; the agent's defaults when `None`.
+    pub continuous: Option<ContinuousConfig>,
 }
 
 impl NodeConfig {
@@ -138,6 +166,7 @@ impl NodeConfig {
             upload_buffer: None,
             shutdown_deadline: "5s".to_owned(),
             log_level: "info".to_owned(),
+            continuous: None,
         }
     }
 
@@ -194,11 +223,31 @@ impl NodeConfig {
              dump_period: {}",
             self.check_interval, self.flush_interval, self.dump_period
         );
+        if let Some(continuous) = &self.continuous {
+            let _ = writeln!(
+                yaml,
+                "  continuous:\n    meter_prefix: {}\n    fetch_interval: {}\n    \
+                 check_interval: {}\n    trigger:\n      execute_duration: {}\n      \
+                 silence_duration: {}",
+                quoted(&continuous.meter_prefix),
+                continuous.fetch_interval,
+                continuous.check_interval,
+                continuous.execute_duration,
+                continuous.silence_duration
+            );
+        }
         let _ = writeln!(
             yaml,
             "rover_rs:\n  shutdown_deadline: {}",
             self.shutdown_deadline
         );
+        if let Some(continuous) = &self.continuous {
+            let _ = writeln!(
+                yaml,
+                "  max_triggered_runs: {}",
+                continuous.max_triggered_runs
+            );
+        }
         if let Some(bound) = &self.upload_buffer {
             let _ = writeln!(yaml, "  upload_buffer: {bound}");
         }
@@ -438,5 +487,26 @@ mod tests {
             config.env(),
             [("KUBECONFIG".to_owned(), "/tmp/kubeconfig".to_owned())]
         );
+    }
+
+    #[test]
+    fn a_continuous_configuration_is_what_the_agent_reads() {
+        let fake = FakeOap::start().expect("fake OAP");
+        let mut config = NodeConfig::new(&fake, Vec::new());
+        config.continuous = Some(ContinuousConfig {
+            meter_prefix: "e2e_p".to_owned(),
+            max_triggered_runs: 3,
+            ..ContinuousConfig::default()
+        });
+        let settings = Settings::parse(&config.yaml(), &|_| None)
+            .unwrap_or_else(|error| panic!("{error}\n{}", config.yaml()))
+            .settings;
+        let continuous = &settings.profiling.continuous;
+        assert_eq!(continuous.meter_prefix, "e2e_p");
+        assert_eq!(continuous.fetch_interval, Duration::from_secs(1));
+        assert_eq!(continuous.check_interval, Duration::from_secs(1));
+        assert_eq!(continuous.execute_duration, Duration::from_secs(5));
+        assert_eq!(continuous.silence_duration, Duration::from_secs(60));
+        assert_eq!(settings.rover_rs.max_triggered_runs, 3);
     }
 }

@@ -128,7 +128,7 @@ impl Scheduler {
             }
             let now = Instant::now();
             if now >= next_poll {
-                next_poll = now + self.config.policy_interval;
+                next_poll = next_due(next_poll, self.config.policy_interval, now);
                 tokio::select! {
                     () = self.poll_policies() => {}
                     _ = stop.changed() => break,
@@ -140,7 +140,7 @@ impl Scheduler {
                 self.checked.remove(&pid);
             }
             if now >= next_check {
-                next_check = now + self.config.check_interval;
+                next_check = next_due(next_check, self.config.check_interval, now);
                 self.sync_processes();
                 tokio::select! {
                     () = self.check(now) => {}
@@ -358,6 +358,16 @@ impl Scheduler {
     }
 }
 
+/// The first time after `now` on the schedule `due + k × interval`: due times stay on the
+/// fetch ticks' grid (a time counted from when the work was done would fall just after a tick
+/// and wait for the next one, doubling the interval).
+fn next_due(due: Instant, interval: Duration, now: Instant) -> Instant {
+    let interval = interval.max(Duration::from_millis(1));
+    let behind = now.saturating_duration_since(due).as_nanos() / interval.as_nanos();
+    let steps = u32::try_from(behind.saturating_add(1)).unwrap_or(u32::MAX);
+    due + interval.saturating_mul(steps)
+}
+
 /// A call that did not answer within `limit` fails (it is retried at the next poll or check).
 async fn bounded<T, E: std::fmt::Display>(
     limit: Duration,
@@ -367,5 +377,22 @@ async fn bounded<T, E: std::fmt::Display>(
     match tokio::time::timeout(limit, future).await {
         Ok(result) => result.map_err(|error| error.to_string()),
         Err(_) => Err(format!("{call} got no answer within {limit:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_times_stay_on_their_grid() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let second = Duration::from_secs(1);
+        // Worked on 30 ms after it was due: due again a second after it was due.
+        assert_eq!(next_due(t0, second, t0 + ms(30)), t0 + second);
+        // Fell 2.5 intervals behind: the next time on the grid after now, none made up.
+        assert_eq!(next_due(t0, second, t0 + ms(2500)), t0 + 3 * second);
+        assert_eq!(next_due(t0, second, t0 + second), t0 + 2 * second);
     }
 }
