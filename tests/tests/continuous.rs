@@ -508,7 +508,8 @@ async fn thread_count_fires_and_an_empty_report_reply_is_retried() {
 }
 
 /// A new UUID replaces the policy, the same UUID brings nothing new, UUID `""` stops the
-/// checks (and their meters).
+/// checks (and their meters); an invalid item is dropped with one warning and the rest kept,
+/// an HTTP item is logged once as not supported.
 #[tokio::test]
 async fn policy_updates_replace_keep_or_stop_the_checks() {
     if !bpf_available("policy_updates_replace_keep_or_stop_the_checks") {
@@ -563,11 +564,16 @@ async fn policy_updates_replace_keep_or_stop_the_checks() {
         "{context}"
     );
 
-    // A new UUID with a threshold of 5: fires with the current count.
+    // A new UUID with a threshold of 5: fires with the current count. Beside it, an invalid
+    // item (dropped with a warning) and an HTTP one (logged once as not supported).
     fake.set_policy(
         service,
         "update-2",
-        profiling("ON_CPU", "PROCESS_THREAD_COUNT", "5", 2, 1),
+        json!({ "ON_CPU": {
+            "PROCESS_THREAD_COUNT": { "Threshold": "5", "Period": 2, "Count": 1 },
+            "PROCESS_CPU": { "Threshold": "500", "Period": 2, "Count": 1 },
+            "HTTP_ERROR_RATE": { "Threshold": "10", "Period": 2, "Count": 1 },
+        } }),
     );
     let recorded = wait(&fake, &agent, "the trigger of policy update-2", WAIT, |r| {
         !r.continuous_reports.is_empty()
@@ -581,6 +587,22 @@ async fn policy_updates_replace_keep_or_stop_the_checks() {
             5.0,
             6.0
         )],
+        "{context}"
+    );
+    let log = agent.stderr();
+    let warnings = |parts: &[&str]| {
+        log.lines()
+            .filter(|line| line.contains("WARN") && parts.iter().all(|part| line.contains(part)))
+            .count()
+    };
+    assert_eq!(
+        warnings(&["monitor \"PROCESS_CPU\" dropped", "500"]),
+        1,
+        "{context}"
+    );
+    assert_eq!(
+        warnings(&["HTTP_ERROR_RATE is not supported"]),
+        1,
         "{context}"
     );
 
