@@ -152,7 +152,8 @@ impl<R: Readings> Checker<R> {
     /// windows are kept).
     pub fn watch(&mut self, pid: u32, policy: &Arc<Policy>) {
         match self.processes.get_mut(&pid) {
-            Some(watched) if Arc::ptr_eq(&watched.policy, policy) => {}
+            // Called for every process at every check: no work when nothing changed.
+            Some(watched) if Arc::ptr_eq(&watched.policy, policy) => return,
             Some(watched) => watched.set_policy(Arc::clone(policy)),
             None => {
                 self.processes
