@@ -134,6 +134,9 @@ impl Scheduler {
                     _ = stop.changed() => break,
                 }
             }
+            // Read after the poll, which may have waited for the OAP: the CPU use divides by
+            // the time between readings.
+            let now = Instant::now();
             for pid in self.checker.sample(now.into_std()) {
                 debug!(pid, "process under a continuous profiling policy is gone");
                 self.checker.unwatch(pid);
