@@ -15,7 +15,8 @@
 //!   (`UUID` `""` for a removed one), or empty when none changed. `reportProfilingTask` is
 //!   recorded and answered with a `ContinuousProfilingReportTask` command carrying a new task id
 //!   (`continuous-N`, recorded in [`Recorded::continuous_task_ids`]), unless a reply was queued
-//!   with [`FakeOap::queue_report_reply`] (an empty or malformed one).
+//!   with [`FakeOap::queue_report_reply`] (an empty or malformed one). A reply queued with
+//!   [`FakeOap::queue_policy_reply`] goes to the next `queryPolicies` instead of the policies.
 //! - `MeterReportService`: every meter recorded, answered empty.
 //!
 //! Every call's `authentication` metadata (what SkyWalking agents send as `Authentication`) is
@@ -334,6 +335,8 @@ struct Shared {
     policies: Mutex<BTreeMap<String, (String, serde_json::Value)>>,
     /// Replies to send to the next `reportProfilingTask` calls, before giving task ids again.
     report_replies: Mutex<VecDeque<Commands>>,
+    /// Replies to send to the next `queryPolicies` calls, before answering from the policies.
+    policy_replies: Mutex<VecDeque<Commands>>,
     serial: Mutex<u64>,
     changes: watch::Sender<u64>,
     required_authentication: Option<String>,
@@ -524,6 +527,11 @@ impl ContinuousProfilingService for Services {
     ) -> Result<Response<Commands>, Status> {
         self.0.check_call("queryPolicies", &request)?;
         let query = request.into_inner();
+        if let Some(queued) = locked(&self.0.policy_replies).pop_front() {
+            self.0
+                .record(|recorded| recorded.policy_queries.push(query));
+            return Ok(Response::new(queued));
+        }
         let changed: Vec<serde_json::Value> = {
             let policies = locked(&self.0.policies);
             query
@@ -659,6 +667,7 @@ impl FakeOap {
                 tasks: Mutex::default(),
                 policies: Mutex::default(),
                 report_replies: Mutex::default(),
+                policy_replies: Mutex::default(),
                 serial: Mutex::default(),
                 changes,
                 required_authentication: config.required_authentication,
@@ -776,6 +785,12 @@ impl FakeOap {
     /// instead of a task id.
     pub fn queue_report_reply(&self, reply: Commands) {
         locked(&self.shared.report_replies).push_back(reply);
+    }
+
+    /// The next `queryPolicies` call gets `reply` (e.g. a malformed one) instead of the
+    /// policies.
+    pub fn queue_policy_reply(&self, reply: Commands) {
+        locked(&self.shared.policy_replies).push_back(reply);
     }
 
     /// A copy of everything recorded so far.

@@ -18,7 +18,7 @@ use integration_tests::{bpf_available, machine_lock, workload_path};
 use rover_agent::task::continuous::{CpuUsage, ProcReader};
 use rover_proto::v3::{
     Commands, ContinuousProfilingReport, ContinuousProfilingTriggeredMonitorType,
-    continuous_profiling_cause, continuous_profiling_report, meter_data,
+    KeyStringValuePair, continuous_profiling_cause, continuous_profiling_report, meter_data,
 };
 use serde_json::{Value, json};
 use tokio::time::sleep;
@@ -429,11 +429,12 @@ async fn a_hot_process_fires_once_and_its_run_uploads_under_the_reply_task_id() 
 }
 
 /// PROCESS_THREAD_COUNT fires for the process with many threads (OFF_CPU), with the exact
-/// count as its current value; an empty reply to the report is logged and the trigger tried
-/// again at the next check; the thread count meters carry each process's count.
+/// count as its current value; a malformed policy reply is logged and the same UUID sent again;
+/// an empty reply to the report is logged and the trigger tried again at the next check; the
+/// thread count meters carry each process's count.
 #[tokio::test]
-async fn thread_count_fires_and_an_empty_report_reply_is_retried() {
-    if !bpf_available("thread_count_fires_and_an_empty_report_reply_is_retried") {
+async fn thread_count_fires_and_bad_replies_are_retried() {
+    if !bpf_available("thread_count_fires_and_bad_replies_are_retried") {
         return;
     }
     let _lock = prepare();
@@ -445,6 +446,15 @@ async fn thread_count_fires_and_an_empty_report_reply_is_retried() {
         profiling("OFF_CPU", "PROCESS_THREAD_COUNT", "20", 3, 2),
     );
     fake.queue_report_reply(Commands::default());
+    fake.queue_policy_reply(Commands {
+        commands: vec![rover_proto::v3::Command {
+            command: "ContinuousProfilingPolicyQuery".to_owned(),
+            args: vec![KeyStringValuePair {
+                key: "ServiceWithPolicyJSON".to_owned(),
+                value: "[{\"ServiceName\": ".to_owned(),
+            }],
+        }],
+    });
     let tag = token("threads");
     let mut config = NodeConfig::new(
         &fake,
@@ -465,6 +475,24 @@ async fn thread_count_fires_and_an_empty_report_reply_is_retried() {
     })
     .await;
     let context = agent.context(&fake);
+    // The malformed policy reply: logged, the next query sent the same UUID ("") again.
+    assert!(
+        agent
+            .wait_for_log(&["WARN", "ServiceWithPolicyJSON is not JSON"], WAIT)
+            .is_some(),
+        "{context}"
+    );
+    let uuids: Vec<&str> = recorded
+        .policy_queries
+        .iter()
+        .flat_map(|query| &query.policies)
+        .filter(|policy| policy.service_name == service)
+        .map(|policy| policy.uuid.as_str())
+        .collect();
+    assert!(
+        uuids.len() >= 2 && uuids[..2] == ["", ""],
+        "{uuids:?}\n{context}"
+    );
     let reports = reports_of(&recorded, "many");
     assert_eq!(
         reports.len(),
