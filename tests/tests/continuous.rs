@@ -554,6 +554,70 @@ async fn thread_count_fires_and_bad_replies_are_retried() {
     drop((many, few));
 }
 
+/// With `max_triggered_runs: 1`, a second process that fires waits (logged once) for the first
+/// run to end before its own trigger is reported.
+#[tokio::test]
+async fn a_trigger_beyond_max_triggered_runs_waits_for_a_run_to_end() {
+    if !bpf_available("a_trigger_beyond_max_triggered_runs_waits_for_a_run_to_end") {
+        return;
+    }
+    let _lock = prepare();
+    let fake = FakeOap::start().expect("fake OAP");
+    let service = "e2e-continuous-cap";
+    fake.set_policy(
+        service,
+        "cap-1",
+        profiling("ON_CPU", "PROCESS_THREAD_COUNT", "20", 3, 2),
+    );
+    let tag = token("cap");
+    let mut config = NodeConfig::new(
+        &fake,
+        vec![
+            rule(0, 30, &tag, service, "first"),
+            rule(0, 25, &tag, service, "second"),
+        ],
+    );
+    config.continuous = Some(ContinuousConfig {
+        max_triggered_runs: 1,
+        ..ContinuousConfig::default()
+    });
+    let first = DutyCycle::start(0, 30, 600, &tag);
+    let second = DutyCycle::start(0, 25, 600, &tag);
+    let mut agent = NodeAgent::start(&config, &[]);
+    wait(&fake, &agent, "the first trigger", WAIT, |r| {
+        !r.continuous_reports.is_empty()
+    })
+    .await;
+    let first_reported = Instant::now();
+    let recorded = wait(&fake, &agent, "the second trigger", WAIT, |r| {
+        r.continuous_reports.len() >= 2
+    })
+    .await;
+    let waited = first_reported.elapsed();
+    let context = agent.context(&fake);
+    let names: Vec<&str> = recorded
+        .continuous_reports
+        .iter()
+        .map(|report| report.process_name.as_str())
+        .collect();
+    assert!(
+        names == ["first", "second"] || names == ["second", "first"],
+        "{names:?}\n{context}"
+    );
+    assert!(
+        waited >= RUN - Duration::from_millis(500),
+        "the second trigger came {waited:?} after the first, before its {RUN:?} run ended\n{context}"
+    );
+    let log = agent.stderr();
+    let cap_warnings = log
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("max_triggered_runs"))
+        .count();
+    assert_eq!(cap_warnings, 1, "{context}");
+    agent.assert_running(&fake);
+    drop((first, second));
+}
+
 /// A new UUID replaces the policy, the same UUID brings nothing new, UUID `""` stops the
 /// checks (and their meters); an invalid item is dropped with one warning and the rest kept,
 /// an HTTP item is logged once as not supported.

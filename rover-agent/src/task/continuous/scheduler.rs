@@ -82,6 +82,8 @@ pub(crate) struct Scheduler {
     runs: HashMap<TriggerKey, TriggeredRun>,
     /// Whether the last call of each kind failed: a failing streak is logged once.
     failing: HashSet<&'static str>,
+    /// Triggers waiting for a run to end under `max_triggered_runs`, logged once each.
+    waiting_at_cap: HashSet<TriggerKey>,
 }
 
 impl Scheduler {
@@ -109,6 +111,7 @@ impl Scheduler {
             triggers,
             runs: HashMap::new(),
             failing: HashSet::new(),
+            waiting_at_cap: HashSet::new(),
         }
     }
 
@@ -229,6 +232,11 @@ impl Scheduler {
                 self.checker.unwatch(*pid);
             }
         }
+        self.waiting_at_cap.retain(|key| {
+            checked
+                .values()
+                .any(|checked| checked.process_id == key.process_id)
+        });
         self.checked = checked;
     }
 
@@ -248,13 +256,14 @@ impl Scheduler {
                     .admit(&key, running, self.runs.len(), now.into_std())
             {
                 match refusal {
-                    Refusal::AtCap => warn!(
+                    // Once per wait, not at every check.
+                    Refusal::AtCap if self.waiting_at_cap.insert(key.clone()) => warn!(
                         pid = fired.pid,
                         max = self.config.max_triggered_runs,
                         "continuous profiling trigger waits: rover_rs.max_triggered_runs runs \
                          are running"
                     ),
-                    Refusal::Running | Refusal::Silenced { .. } => {
+                    Refusal::AtCap | Refusal::Running | Refusal::Silenced { .. } => {
                         debug!(
                             pid = fired.pid,
                             ?refusal,
@@ -306,6 +315,7 @@ impl Scheduler {
                 duration: self.config.execute_duration,
             };
             let join = tokio::spawn(run.drive(Duration::ZERO, controlled));
+            self.waiting_at_cap.remove(&key);
             self.triggers.started(key.clone(), now.into_std());
             self.runs.insert(
                 key,
