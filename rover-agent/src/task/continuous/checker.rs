@@ -170,11 +170,6 @@ impl<R: Readings> Checker<R> {
         }
     }
 
-    /// The watched pids.
-    pub fn pids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.processes.keys().copied()
-    }
-
     fn fit_load_window(&mut self) {
         let len = self
             .processes
@@ -561,7 +556,7 @@ mod tests {
         checker.readings.processes.insert(1, stat(0, 50));
         assert_eq!(checker.sample(at(0)), vec![2]);
         checker.unwatch(2);
-        assert_eq!(checker.pids().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(checker.processes.keys().collect::<Vec<_>>(), [&1]);
         // Another process with pid 1, also with 50 threads: one reading only, no fire.
         checker.readings.processes.insert(
             1,
