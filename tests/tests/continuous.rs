@@ -620,7 +620,7 @@ async fn a_trigger_beyond_max_triggered_runs_waits_for_a_run_to_end() {
 
 /// A new UUID replaces the policy, the same UUID brings nothing new, UUID `""` stops the
 /// checks (and their meters); an invalid item is dropped with one warning and the rest kept,
-/// an HTTP item is logged once as not supported.
+/// an HTTP item is logged once as not supported; SYSTEM_LOAD is sent as a meter.
 #[tokio::test]
 async fn policy_updates_replace_keep_or_stop_the_checks() {
     if !bpf_available("policy_updates_replace_keep_or_stop_the_checks") {
@@ -684,6 +684,7 @@ async fn policy_updates_replace_keep_or_stop_the_checks() {
             "PROCESS_THREAD_COUNT": { "Threshold": "5", "Period": 2, "Count": 1 },
             "PROCESS_CPU": { "Threshold": "500", "Period": 2, "Count": 1 },
             "HTTP_ERROR_RATE": { "Threshold": "10", "Period": 2, "Count": 1 },
+            "SYSTEM_LOAD": { "Threshold": "1000", "Period": 2, "Count": 1 },
         } }),
     );
     let recorded = wait(&fake, &agent, "the trigger of policy update-2", WAIT, |r| {
@@ -715,6 +716,32 @@ async fn policy_updates_replace_keep_or_stop_the_checks() {
         warnings(&["HTTP_ERROR_RATE is not supported"]),
         1,
         "{context}"
+    );
+    // SYSTEM_LOAD (far under its threshold) is sampled and sent as a meter of the process: the
+    // host's 1-minute load average.
+    let recorded = wait(&fake, &agent, "a SYSTEM_LOAD meter", WAIT, |r| {
+        !meters_of(r, "rover_con_p_system_load", "six").is_empty()
+    })
+    .await;
+    let loadavg = std::fs::read_to_string("/proc/loadavg").expect("/proc/loadavg");
+    let host_load: f64 = loadavg
+        .split_whitespace()
+        .next()
+        .and_then(|load| load.parse().ok())
+        .expect("a load average");
+    let load_meters = meters_of(&recorded, "rover_con_p_system_load", "six");
+    let (labels, _, load) = load_meters.last().expect("a meter");
+    assert_eq!(
+        *labels,
+        [
+            ("process_name".to_owned(), "six".to_owned()),
+            ("layer".to_owned(), "OS_LINUX".to_owned())
+        ],
+        "{context}"
+    );
+    assert!(
+        (load - host_load).abs() <= 0.5,
+        "SYSTEM_LOAD meter {load} vs /proc/loadavg {host_load}\n{context}"
     );
 
     // Removed: the agent's next query names update-2 and gets UUID ""; checks and meters stop.
