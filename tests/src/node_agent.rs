@@ -449,6 +449,22 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// Takes the machine lock and builds the agent before any workload starts (the first build
+/// takes minutes, longer than a workload runs).
+pub fn prepare() -> crate::MachineLock {
+    let lock = crate::machine_lock();
+    crate::agent_binary();
+    lock
+}
+
+/// A token no other process has on its command line, for host rules to match.
+pub fn token(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_nanos());
+    format!("e2e-{tag}-{}-{nanos}", std::process::id())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use integration_tests::cpu_time::process_cpu;
 use integration_tests::fake_oap::{FakeOap, Recorded, fold_received, process_id};
-use integration_tests::node_agent::{ContinuousConfig, HostRule, NodeAgent, NodeConfig};
+use integration_tests::node_agent::{
+    ContinuousConfig, HostRule, NodeAgent, NodeConfig, prepare, token,
+};
 use integration_tests::{bpf_available, machine_lock, workload_path};
 use rover_agent::task::continuous::{CpuUsage, ProcReader};
 use rover_proto::v3::{
@@ -160,21 +162,6 @@ const WAIT: Duration = Duration::from_secs(30);
 const RUN: Duration = Duration::from_secs(5);
 /// The on-CPU sampling frequency (`dump_period: 10.1ms` in `NodeConfig::new`).
 const FREQUENCY_HZ: f64 = 99.0;
-
-/// Takes the machine lock and builds the agent before any workload starts.
-fn prepare() -> integration_tests::MachineLock {
-    let lock = machine_lock();
-    integration_tests::agent_binary();
-    lock
-}
-
-/// A token no other process has on its command line, for host rules to match.
-fn token(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.subsec_nanos());
-    format!("e2e-{tag}-{}-{nanos}", std::process::id())
-}
 
 /// A host rule for the `duty_cycle` started with `percent` and `token`, reported as process
 /// `process_name` of `service` (names differ: two processes of one name in one instance are

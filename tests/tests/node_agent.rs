@@ -14,8 +14,8 @@ use integration_tests::fake_oap::{
     FakeOap, FakeOapConfig, ReceivedStacks, Recorded, TaskCommand, TestCertificates, fold_received,
     now_ms, process_id,
 };
-use integration_tests::node_agent::{HostRule, NodeAgent, NodeConfig};
-use integration_tests::{Workload, agent, bpf_available, machine_lock, run_agent, workload_path};
+use integration_tests::node_agent::{HostRule, NodeAgent, NodeConfig, prepare, token};
+use integration_tests::{Workload, agent, bpf_available, run_agent, workload_path};
 use rover_proto::v3::{EbpfProfilingTaskMetadata, ebpf_process_properties};
 
 /// Upper bound of any single wait for something the agent does within a few periods.
@@ -25,22 +25,6 @@ const WAIT: Duration = Duration::from_secs(20);
 /// phases of the cycle and the 3:1 split comes out anywhere between 2:0 and 1:1 (as oncpu.rs,
 /// 99 Hz).
 const FREQUENCY_HZ: f64 = 99.0;
-
-/// Takes the machine lock and builds the agent before any workload starts (the first build
-/// takes minutes, longer than a workload runs).
-fn prepare() -> integration_tests::MachineLock {
-    let lock = machine_lock();
-    integration_tests::agent_binary();
-    lock
-}
-
-/// A token no other process has on its command line, for host rules to match.
-fn token(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.subsec_nanos());
-    format!("e2e-{tag}-{}-{nanos}", std::process::id())
-}
 
 /// A host rule matching workload `name` started with `token` as an argument.
 fn rule(name: &str, token: &str, service: &str) -> HostRule {

@@ -92,6 +92,26 @@ pub struct PolicyItem {
     pub uri_regex: Option<String>,
 }
 
+#[cfg(test)]
+impl PolicyItem {
+    /// An item with no URI list or regex.
+    pub(crate) fn without_uris(
+        monitor: Monitor,
+        threshold: f64,
+        period_secs: u32,
+        count: u32,
+    ) -> Self {
+        Self {
+            monitor,
+            threshold,
+            period_secs,
+            count,
+            uri_list: Vec::new(),
+            uri_regex: None,
+        }
+    }
+}
+
 /// What one target (`ON_CPU`, `OFF_CPU`, `NETWORK`) of a policy is triggered by.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TargetPolicy {
@@ -507,17 +527,6 @@ mod tests {
         .expect("a command")
     }
 
-    fn item(monitor: Monitor, threshold: f64, period_secs: u32, count: u32) -> PolicyItem {
-        PolicyItem {
-            monitor,
-            threshold,
-            period_secs,
-            count,
-            uri_list: Vec::new(),
-            uri_regex: None,
-        }
-    }
-
     /// The policy of the proof, as the OAP sends it.
     #[test]
     fn a_policy_as_the_oap_sends_it() {
@@ -545,13 +554,18 @@ mod tests {
                     targets: vec![
                         TargetPolicy {
                             target: ProfilingTarget::OffCpu,
-                            items: vec![item(Monitor::SystemLoad, 2.5, 1, 1)],
+                            items: vec![PolicyItem::without_uris(Monitor::SystemLoad, 2.5, 1, 1)],
                         },
                         TargetPolicy {
                             target: ProfilingTarget::OnCpu,
                             items: vec![
-                                item(Monitor::ProcessCpu, 50.0, 5, 3),
-                                item(Monitor::ProcessThreadCount, 200.0, 10, 10),
+                                PolicyItem::without_uris(Monitor::ProcessCpu, 50.0, 5, 3),
+                                PolicyItem::without_uris(
+                                    Monitor::ProcessThreadCount,
+                                    200.0,
+                                    10,
+                                    10
+                                ),
                             ],
                         },
                     ],

@@ -25,7 +25,9 @@ use std::time::Duration;
 use serde_yaml::Value;
 use tracing::level_filters::LevelFilter;
 
-use read::{Cx, Map, Node, comma_list, parse_bytes, parse_duration, parse_u64, valid_host};
+use read::{
+    Cx, Map, Node, comma_list, parse_bytes, parse_count, parse_duration, parse_u64, valid_host,
+};
 
 /// Why the configuration cannot be used. Each message names the file, the YAML position or the
 /// full key path, so it alone tells the user what to fix.
@@ -440,11 +442,7 @@ fn discovery(cx: &mut Cx, mut d: Map) -> Result<DiscoverySettings, ConfigError> 
             cx,
             "properties_report_period",
             "a whole number, at least 1",
-            |s| {
-                parse_u64(s)
-                    .and_then(|n| u32::try_from(n).ok())
-                    .filter(|n| *n >= 1)
-            },
+            parse_count,
         )?
         .unwrap_or(10);
     let scanner = match d.get("scanner")? {
@@ -671,11 +669,7 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
         })?
         .unwrap_or(32 * MIB);
     let max_targets = r
-        .scalar(cx, "max_targets", "a whole number, at least 1", |s| {
-            parse_u64(s)
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|n| *n >= 1)
-        })?
+        .scalar(cx, "max_targets", "a whole number, at least 1", parse_count)?
         .unwrap_or(1024);
     let upload_buffer = r
         .scalar(cx, "upload_buffer", bytes, |s| {
@@ -695,11 +689,7 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
             cx,
             "max_triggered_runs",
             "a whole number, at least 1",
-            |s| {
-                parse_u64(s)
-                    .and_then(|n| u32::try_from(n).ok())
-                    .filter(|n| *n >= 1)
-            },
+            parse_count,
         )?
         .unwrap_or(10);
     r.finish()?;

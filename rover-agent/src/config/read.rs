@@ -244,6 +244,13 @@ pub(super) fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
+/// A whole number of at least 1 that fits a `u32` (a period in heartbeats, a cap on runs).
+pub(super) fn parse_count(s: &str) -> Option<u32> {
+    parse_u64(s)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n >= 1)
+}
+
 /// Go's `time.ParseDuration` syntax, as Rover's files write durations: a sequence of decimal
 /// numbers, each with an optional fraction and a unit (`ns`, `us`, `µs`, `μs`, `ms`, `s`, `m`,
 /// `h`), e.g. `1h30m`, `1.5s`; `0` alone is zero. Own parser because `humantime` reads `m`

@@ -305,17 +305,6 @@ mod tests {
         }
     }
 
-    fn item(monitor: Monitor, threshold: f64, period_secs: u32, count: u32) -> PolicyItem {
-        PolicyItem {
-            monitor,
-            threshold,
-            period_secs,
-            count,
-            uri_list: Vec::new(),
-            uri_regex: None,
-        }
-    }
-
     fn policy(targets: Vec<(ProfilingTarget, Vec<PolicyItem>)>) -> Arc<Policy> {
         Arc::new(Policy {
             uuid: "uuid-1".into(),
@@ -349,7 +338,7 @@ mod tests {
         let (mut checker, at) = checker();
         let policy = policy(vec![(
             ProfilingTarget::OnCpu,
-            vec![item(Monitor::ProcessCpu, 50.0, 5, 3)],
+            vec![PolicyItem::without_uris(Monitor::ProcessCpu, 50.0, 5, 3)],
         )]);
         checker.watch(1, &policy);
         checker.watch(2, &policy);
@@ -392,7 +381,7 @@ mod tests {
         let (mut checker, at) = checker();
         let policy = policy(vec![(
             ProfilingTarget::OnCpu,
-            vec![item(Monitor::ProcessCpu, 50.0, 5, 3)],
+            vec![PolicyItem::without_uris(Monitor::ProcessCpu, 50.0, 5, 3)],
         )]);
         checker.watch(1, &policy);
         // Idle for 100 s, then 2 s at 100 %, then idle: never fires.
@@ -422,13 +411,18 @@ mod tests {
             (
                 ProfilingTarget::OnCpu,
                 vec![
-                    item(Monitor::ProcessThreadCount, 10.0, 2, 2),
-                    item(Monitor::ProcessCpu, 50.0, 2, 2),
+                    PolicyItem::without_uris(Monitor::ProcessThreadCount, 10.0, 2, 2),
+                    PolicyItem::without_uris(Monitor::ProcessCpu, 50.0, 2, 2),
                 ],
             ),
             (
                 ProfilingTarget::OffCpu,
-                vec![item(Monitor::ProcessThreadCount, 20.0, 3, 1)],
+                vec![PolicyItem::without_uris(
+                    Monitor::ProcessThreadCount,
+                    20.0,
+                    3,
+                    1,
+                )],
             ),
         ]);
         checker.watch(5, &policy);
@@ -481,11 +475,11 @@ mod tests {
         let (mut checker, at) = checker();
         let load_policy = policy(vec![(
             ProfilingTarget::OffCpu,
-            vec![item(Monitor::SystemLoad, 2.5, 4, 2)],
+            vec![PolicyItem::without_uris(Monitor::SystemLoad, 2.5, 4, 2)],
         )]);
         let cpu_policy = policy(vec![(
             ProfilingTarget::OnCpu,
-            vec![item(Monitor::ProcessCpu, 50.0, 4, 2)],
+            vec![PolicyItem::without_uris(Monitor::ProcessCpu, 50.0, 4, 2)],
         )]);
         checker.watch(1, &load_policy);
         checker.watch(2, &load_policy);
@@ -528,11 +522,16 @@ mod tests {
         let policy = policy(vec![
             (
                 ProfilingTarget::OnCpu,
-                vec![item(Monitor::HttpErrorRate, 1.0, 1, 1)],
+                vec![PolicyItem::without_uris(Monitor::HttpErrorRate, 1.0, 1, 1)],
             ),
             (
                 ProfilingTarget::Network,
-                vec![item(Monitor::ProcessThreadCount, 0.0, 1, 1)],
+                vec![PolicyItem::without_uris(
+                    Monitor::ProcessThreadCount,
+                    0.0,
+                    1,
+                    1,
+                )],
             ),
         ]);
         checker.watch(1, &policy);
@@ -549,7 +548,12 @@ mod tests {
         let (mut checker, at) = checker();
         let policy = policy(vec![(
             ProfilingTarget::OnCpu,
-            vec![item(Monitor::ProcessThreadCount, 10.0, 3, 2)],
+            vec![PolicyItem::without_uris(
+                Monitor::ProcessThreadCount,
+                10.0,
+                3,
+                2,
+            )],
         )]);
         checker.watch(1, &policy);
         checker.watch(2, &policy);
@@ -580,7 +584,12 @@ mod tests {
             1,
             &policy(vec![(
                 ProfilingTarget::OnCpu,
-                vec![item(Monitor::ProcessThreadCount, 100.0, 5, 3)],
+                vec![PolicyItem::without_uris(
+                    Monitor::ProcessThreadCount,
+                    100.0,
+                    5,
+                    3,
+                )],
             )]),
         );
         for second in 0..3 {
@@ -592,7 +601,12 @@ mod tests {
             1,
             &policy(vec![(
                 ProfilingTarget::OnCpu,
-                vec![item(Monitor::ProcessThreadCount, 10.0, 10, 3)],
+                vec![PolicyItem::without_uris(
+                    Monitor::ProcessThreadCount,
+                    10.0,
+                    10,
+                    3,
+                )],
             )]),
         );
         assert_eq!(checker.check(at(2)).len(), 1);
