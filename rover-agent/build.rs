@@ -6,7 +6,7 @@ use std::{env, fs, path::PathBuf, process::Command};
 use anyhow::{Context as _, bail};
 
 /// The eBPF binaries of `rover-ebpf` (one object per profiler).
-const OBJECTS: &[&str] = &["oncpu", "offcpu", "events", "tasks"];
+const OBJECTS: &[&str] = &["oncpu", "offcpu", "events", "tasks", "process_cpu"];
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);

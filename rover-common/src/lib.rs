@@ -279,7 +279,30 @@ pub const TASK_CGROUP_WHOLE: u32 = 1;
 /// (a cgroup's path is walked once per listing, not once per process in it).
 pub const TASK_CGROUP_LISTED_BEFORE: u32 = 2;
 
+/// One thread of a watched process as the process-CPU iterator
+/// (`rover-ebpf/src/bin/process_cpu.rs`) lists it; the thread-group leader's record also carries
+/// the process's own fields. A process's CPU time is the sum of its records' `runtime_ns`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcessCpuRecord {
+    /// The process (TGID) in the initial PID namespace.
+    pub tgid: u32,
+    /// The leader's record: `signal_struct::nr_threads`, at least 1; 0 in other threads'
+    /// records (which is how the leader's is told from them).
+    pub threads: u32,
+    /// `sched_entity::sum_exec_runtime` of the thread; the leader's also adds
+    /// `signal_struct::sum_sched_runtime` (the threads that exited).
+    pub runtime_ns: u64,
+    /// The leader's record: `task_struct::start_boottime` (a reused pid has another); 0 in
+    /// other threads' records.
+    pub start_boottime_ns: u64,
+}
+
+/// Most processes the process-CPU iterator watches at once.
+pub const PROCESS_CPU_WATCHED_MAX: u32 = 65_536;
+
 const _: () = assert!(core::mem::size_of::<UserStack>() == 8 * (MAX_USER_FRAMES + 1));
+const _: () = assert!(core::mem::size_of::<ProcessCpuRecord>() == 24);
 const _: () = assert!(core::mem::size_of::<KernelStack>() == 8 * (MAX_KERNEL_FRAMES + 1));
 const _: () = assert!(core::mem::size_of::<OffCpuValue>() == 24);
 const _: () = assert!(core::mem::size_of::<TargetOptions>() == 16);

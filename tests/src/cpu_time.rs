@@ -35,3 +35,12 @@ pub fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
         (ticks(14) + ticks(15)) * 1000 / per_second,
     ))
 }
+
+/// CPU time of the calling thread so far.
+pub fn thread_cpu() -> Duration {
+    // SAFETY: timespec is plain integers (all-zero is valid); clock_gettime writes into it.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}

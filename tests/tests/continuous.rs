@@ -17,7 +17,7 @@ use integration_tests::node_agent::{
     ContinuousConfig, HostRule, NodeAgent, NodeConfig, prepare, token,
 };
 use integration_tests::{bpf_available, machine_lock, workload_path};
-use rover_agent::task::continuous::{CpuUsage, ProcReader};
+use rover_agent::task::continuous::{CpuUsage, HostReadings, ProcReader, ProcessStat};
 use rover_proto::v3::{
     Commands, ContinuousProfilingReport, ContinuousProfilingTriggeredMonitorType,
     KeyStringValuePair, continuous_profiling_cause, continuous_profiling_report, meter_data,
@@ -71,18 +71,33 @@ fn ticks_per_second() -> u64 {
     u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).expect("a positive USER_HZ")
 }
 
-/// PROCESS_THREAD_COUNT: `num_threads` of `stat` counts every thread of the process, the same
-/// number `/proc/PID/status` (where Rover reads it) gives.
+/// The agent's reading of `pid`, which must come from the kernel's process list.
+fn kernel_reading(readings: &mut HostReadings, pid: u32) -> ProcessStat {
+    let stat = readings
+        .process_stats(&[pid])
+        .pop()
+        .expect("one reading")
+        .expect("the workload is listed");
+    assert!(
+        readings.reads_kernel_list(),
+        "the agent reads processes through its process-CPU iterator (see its warning above)"
+    );
+    stat
+}
+
+/// PROCESS_THREAD_COUNT: the agent's reading counts every thread of the process, the same
+/// number `/proc/PID/status` (where Rover reads it) and `stat` give.
 #[test]
 fn thread_count_follows_spawned_threads() {
+    if !bpf_available("thread_count_follows_spawned_threads") {
+        return;
+    }
     let _lock = machine_lock();
-    let mut reader = ProcReader::new("/proc");
+    let mut readings = HostReadings::new();
+    let mut proc_reader = ProcReader::new("/proc");
     for idle_threads in [0, 7, 40] {
         let workload = DutyCycle::start(0, idle_threads, 600, "");
-        let threads = reader
-            .process_stat(workload.pid())
-            .expect("the workload's stat")
-            .threads;
+        let threads = kernel_reading(&mut readings, workload.pid()).threads;
         assert_eq!(
             threads,
             u64::from(1 + idle_threads),
@@ -95,11 +110,82 @@ fn thread_count_follows_spawned_threads() {
             .find_map(|line| line.strip_prefix("Threads:"))
             .and_then(|count| count.trim().parse::<u64>().ok());
         assert_eq!(status_threads, Some(threads), "Threads: in status");
+        let stat = proc_reader.process_stat(workload.pid()).expect("stat");
+        assert_eq!(stat.threads, threads, "num_threads in stat");
     }
 }
 
+/// The kernel's list and `/proc/PID/stat` tell the same process: the same start time, thread
+/// count and CPU time (stat's, in clock ticks, rounds each of utime and stime down), for a
+/// burning process, and for this one after a thread of it burned 300 ms and exited (the time
+/// of exited threads stays counted); a process that exited is not listed, and counts as gone.
+#[test]
+fn the_kernel_list_agrees_with_procfs() {
+    if !bpf_available("the_kernel_list_agrees_with_procfs") {
+        return;
+    }
+    let _lock = machine_lock();
+    let tick_ns = 1_000_000_000 / ticks_per_second();
+    let mut readings = HostReadings::new();
+    let mut proc_reader = ProcReader::new("/proc");
+    // 60 % of a core in the main thread, 5 idle threads.
+    let workload = DutyCycle::start(60, 5, 600, "");
+    std::thread::sleep(Duration::from_millis(700));
+    let pid = workload.pid();
+    for _ in 0..5 {
+        let before = proc_reader.process_stat(pid).expect("stat before");
+        let listed = kernel_reading(&mut readings, pid);
+        let after = proc_reader.process_stat(pid).expect("stat after");
+        assert_eq!(listed.start_time, before.start_time, "start time in ticks");
+        assert_eq!(listed.threads, before.threads, "threads");
+        assert!(
+            before.cpu_ns <= listed.cpu_ns && listed.cpu_ns <= after.cpu_ns + 2 * tick_ns,
+            "CPU time: stat {} ns, then the kernel's list {} ns, then stat {} ns",
+            before.cpu_ns,
+            listed.cpu_ns,
+            after.cpu_ns
+        );
+        assert!(listed.cpu_ns > 0, "a burning process used CPU");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // This process, once a thread of it burned and exited. Reading its own process, stat also
+    // counts the reading thread's time since its last tick, which the list leaves out.
+    let own = std::process::id();
+    let burned = Duration::from_millis(300);
+    std::thread::spawn(move || {
+        let start = integration_tests::cpu_time::thread_cpu();
+        while integration_tests::cpu_time::thread_cpu() - start < burned {
+            std::hint::black_box(0u64);
+        }
+    })
+    .join()
+    .expect("the burning thread");
+    let before = proc_reader.process_stat(own).expect("own stat before");
+    let listed = kernel_reading(&mut readings, own);
+    let after = proc_reader.process_stat(own).expect("own stat after");
+    assert!(
+        before.cpu_ns <= listed.cpu_ns + 2 * tick_ns && listed.cpu_ns <= after.cpu_ns + 2 * tick_ns,
+        "CPU time of a process a thread of which exited: stat {} ns, then the kernel's list {} \
+         ns, then stat {} ns",
+        before.cpu_ns,
+        listed.cpu_ns,
+        after.cpu_ns
+    );
+    assert!(
+        listed.cpu_ns >= burned.as_nanos() as u64,
+        "the exited thread's time counts"
+    );
+    drop(workload);
+    let gone = readings
+        .process_stats(&[pid])
+        .pop()
+        .expect("one reading")
+        .expect_err("an exited (and reaped) process is not listed");
+    assert!(gone.process_gone(), "{gone}");
+}
+
 /// PROCESS_CPU: a process using 30 % of a core reads 30 ± 5, each one-second reading and their
-/// mean.
+/// mean, read as the agent reads it.
 ///
 /// The host may freeze this test's processes for minutes (benchmarks elsewhere): a reading whose
 /// interval came out much longer than the second slept is not a reading of the duty cycle and
@@ -107,15 +193,18 @@ fn thread_count_follows_spawned_threads() {
 #[test]
 fn cpu_use_of_a_duty_cycled_process_reads_its_duty_cycle() {
     const ATTEMPTS: usize = 30;
+    if !bpf_available("cpu_use_of_a_duty_cycled_process_reads_its_duty_cycle") {
+        return;
+    }
     let _lock = machine_lock();
     let workload = DutyCycle::start(30, 0, 3600, "");
     // Let the burner settle into its period.
     std::thread::sleep(Duration::from_millis(500));
     let pid = workload.pid();
-    let mut reader = ProcReader::new("/proc");
-    let mut usage = CpuUsage::new(ticks_per_second());
+    let mut host = HostReadings::new();
+    let mut usage = CpuUsage::default();
     let mut then = Instant::now();
-    let first = usage.update(reader.process_stat(pid).expect("the workload's stat"), then);
+    let first = usage.update(kernel_reading(&mut host, pid), then);
     assert_eq!(first, None, "the first sample has nothing to compare with");
     let mut readings = Vec::new();
     let mut frozen = 0;
@@ -125,8 +214,7 @@ fn cpu_use_of_a_duty_cycled_process_reads_its_duty_cycle() {
         }
         std::thread::sleep(Duration::from_secs(1));
         let now = Instant::now();
-        let stat = reader.process_stat(pid).expect("the workload's stat");
-        let reading = usage.update(stat, now);
+        let reading = usage.update(kernel_reading(&mut host, pid), now);
         if now - then > Duration::from_millis(1500) {
             frozen += 1;
         } else {

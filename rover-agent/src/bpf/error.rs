@@ -95,6 +95,8 @@ pub enum Error {
     KernelLayout(String),
     #[error("reading the task iterator failed")]
     TaskList(#[source] io::Error),
+    #[error("reading the process-CPU iterator failed")]
+    ProcessCpuList(#[source] io::Error),
     #[error(
         "the task iterator's pids are not this agent's: it runs in a PID namespace of its own \
          (run it with the host's PID namespace, `hostPID: true`)"

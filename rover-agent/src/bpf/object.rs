@@ -34,6 +34,14 @@ pub(super) fn tasks() -> Result<&'static [u8], Error> {
     )
 }
 
+/// The process-CPU iterator (`rover-ebpf/src/bin/process_cpu.rs`).
+pub(super) fn process_cpu() -> Result<&'static [u8], Error> {
+    embedded(
+        "process_cpu",
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/process_cpu")),
+    )
+}
+
 fn embedded(object: &'static str, bytes: &'static [u8]) -> Result<&'static [u8], Error> {
     if bytes.is_empty() {
         return Err(Error::ObjectNotEmbedded { object });

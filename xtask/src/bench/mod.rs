@@ -1,6 +1,7 @@
 //! `cargo xtask bench ...`: overhead figures measured side by side with reference tools in one
 //! run, printed as ratios. Benchmarks print; they never pass or fail on a threshold.
 
+mod continuous;
 mod discovery;
 mod idle;
 mod offcpu;
@@ -74,6 +75,18 @@ pub(crate) enum Bench {
         #[arg(long, default_value_t = 1000)]
         burst_events: usize,
     },
+    /// Continuous profiling's checking: `rover-agent run` with 500 reported processes and no
+    /// task, without a policy and with every process under one that never fires.
+    Continuous {
+        /// How long each measure lasts.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        #[arg(long, default_value_t = 500)]
+        processes: usize,
+        /// Measures of each kind, alternating; medians are printed.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
 }
 
 pub(crate) fn run(bench: Bench) -> anyhow::Result<()> {
@@ -104,6 +117,11 @@ pub(crate) fn run(bench: Bench) -> anyhow::Result<()> {
             isolated_events,
             burst_events,
         ),
+        Bench::Continuous {
+            seconds,
+            processes,
+            rounds,
+        } => continuous::run(seconds, processes, rounds),
     }
 }
 

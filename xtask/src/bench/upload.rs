@@ -39,7 +39,7 @@ pub(super) fn run(seconds: u64, iterations: usize, processes: usize) -> anyhow::
     eprintln!(
         "bench upload: rover-agent run with {processes} reported processes and no task, {seconds} s"
     );
-    let idle = idle(&bench, &agent, processes, seconds)?;
+    let idle = idle(&bench, &agent, processes, seconds, false)?;
 
     let met = |ok: bool| if ok { "met" } else { "MISSED" };
     let number = |name: &str| -> f64 {
@@ -176,30 +176,41 @@ fn flush(bench: &Path, iterations: usize) -> anyhow::Result<HashMap<String, Stri
     Ok(fields(line))
 }
 
-fn fields(line: &str) -> HashMap<String, String> {
+pub(super) fn fields(line: &str) -> HashMap<String, String> {
     line.split_whitespace()
         .filter_map(|field| field.split_once('='))
         .map(|(key, value)| (key.to_owned(), value.to_owned()))
         .collect()
 }
 
-struct IdleFigures {
-    cpu_percent: f64,
+pub(super) struct IdleFigures {
+    pub cpu_percent: f64,
     /// On-CPU time of the agent's threads alive at both samples, from `schedstat` (ns).
-    sched_ms: f64,
-    wall: Duration,
-    ready: ProcessSample,
-    end: ProcessSample,
-    ready_line: String,
-    done_line: String,
+    pub sched_ms: f64,
+    pub wall: Duration,
+    pub ready: ProcessSample,
+    pub end: ProcessSample,
+    pub ready_line: String,
+    pub done_line: String,
 }
 
-/// Runs `upload-bench idle` and samples the agent it starts when it says `ready` (every process
-/// reported) and `done` (SECONDS later).
-fn idle(bench: &Path, agent: &Path, processes: usize, seconds: u64) -> anyhow::Result<IdleFigures> {
+/// Runs `upload-bench idle` (with `--policy`: every process under a continuous-profiling policy)
+/// and samples the agent it starts when it says `ready` (every process reported, and sampled
+/// under the policy) and `done` (SECONDS later).
+pub(super) fn idle(
+    bench: &Path,
+    agent: &Path,
+    processes: usize,
+    seconds: u64,
+    policy: bool,
+) -> anyhow::Result<IdleFigures> {
+    let mut command = Command::new(bench);
+    command.arg("idle");
+    if policy {
+        command.arg("--policy");
+    }
     let mut child = KillOnDrop(
-        Command::new(bench)
-            .arg("idle")
+        command
             .arg("--agent")
             .arg(agent)
             .args(["--processes", &processes.to_string()])
@@ -216,7 +227,7 @@ fn idle(bench: &Path, agent: &Path, processes: usize, seconds: u64) -> anyhow::R
     let (mut sched_ready, mut sched_done) = (HashMap::new(), HashMap::new());
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading upload-bench")?;
-        eprintln!("bench upload: {line}");
+        eprintln!("upload-bench idle: {line}");
         if line.starts_with("ready ") {
             let pid: u32 = fields(&line)
                 .get("agent_pid")

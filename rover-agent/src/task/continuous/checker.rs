@@ -8,24 +8,25 @@ use std::time::Instant;
 
 use tracing::debug;
 
-use super::sampler::{CpuUsage, ProcReader, ProcessStat, SampleError};
+use super::sampler::{CpuUsage, HostReadings, ProcessStat, SampleError};
 use super::window::CheckWindow;
 use crate::backend::{Monitor, Policy, PolicyItem, ProfilingTarget, TriggerCause};
 
-/// What the checker reads: [`ProcReader`] in the agent, fixed values in tests.
+/// What the checker reads: [`HostReadings`] in the agent, fixed values in tests.
 pub trait Readings {
-    fn process_stat(&mut self, pid: u32) -> Result<ProcessStat, SampleError>;
+    /// Every process of `pids`, once each, in their order (one read of the kernel's list).
+    fn process_stats(&mut self, pids: &[u32]) -> Vec<Result<ProcessStat, SampleError>>;
     /// The host's 1-minute load average.
     fn load_average(&mut self) -> Result<f64, SampleError>;
 }
 
-impl Readings for ProcReader {
-    fn process_stat(&mut self, pid: u32) -> Result<ProcessStat, SampleError> {
-        ProcReader::process_stat(self, pid)
+impl Readings for HostReadings {
+    fn process_stats(&mut self, pids: &[u32]) -> Vec<Result<ProcessStat, SampleError>> {
+        HostReadings::process_stats(self, pids)
     }
 
     fn load_average(&mut self) -> Result<f64, SampleError> {
-        ProcReader::load_average(self)
+        HostReadings::load_average(self)
     }
 }
 
@@ -78,10 +79,10 @@ fn fit(window: &mut Option<CheckWindow>, len: Option<u32>) {
 }
 
 impl Watched {
-    fn new(policy: Arc<Policy>, ticks_per_second: u64) -> Self {
+    fn new(policy: Arc<Policy>) -> Self {
         let mut watched = Self {
             policy: Arc::clone(&policy),
-            cpu: CpuUsage::new(ticks_per_second),
+            cpu: CpuUsage::default(),
             start_time: None,
             cpu_window: None,
             threads_window: None,
@@ -127,7 +128,6 @@ impl Watched {
 #[derive(Debug)]
 pub struct Checker<R> {
     readings: R,
-    ticks_per_second: u64,
     /// Seconds of the windows count from here.
     epoch: Instant,
     processes: HashMap<u32, Watched>,
@@ -136,12 +136,10 @@ pub struct Checker<R> {
 }
 
 impl<R: Readings> Checker<R> {
-    /// `ticks_per_second` is `USER_HZ`; `epoch` starts the checker's clock (seconds of the
-    /// windows are whole seconds after it).
-    pub fn new(readings: R, ticks_per_second: u64, epoch: Instant) -> Self {
+    /// `epoch` starts the checker's clock (seconds of the windows are whole seconds after it).
+    pub fn new(readings: R, epoch: Instant) -> Self {
         Self {
             readings,
-            ticks_per_second,
             epoch,
             processes: HashMap::new(),
             load_window: None,
@@ -156,8 +154,7 @@ impl<R: Readings> Checker<R> {
             Some(watched) if Arc::ptr_eq(&watched.policy, policy) => return,
             Some(watched) => watched.set_policy(Arc::clone(policy)),
             None => {
-                self.processes
-                    .insert(pid, Watched::new(Arc::clone(policy), self.ticks_per_second));
+                self.processes.insert(pid, Watched::new(Arc::clone(policy)));
             }
         }
         self.fit_load_window();
@@ -193,9 +190,14 @@ impl<R: Readings> Checker<R> {
                 Err(error) => debug!("SYSTEM_LOAD not read: {error}"),
             }
         }
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        let stats = self.readings.process_stats(&pids);
         let mut gone = Vec::new();
-        for (&pid, watched) in &mut self.processes {
-            match self.readings.process_stat(pid) {
+        for (pid, stat) in pids.into_iter().zip(stats) {
+            let Some(watched) = self.processes.get_mut(&pid) else {
+                continue;
+            };
+            match stat {
                 Ok(stat) => watched.record(second, stat, at),
                 Err(error) if error.process_gone() => gone.push(pid),
                 Err(error) => debug!(pid, "process not read: {error}"),
@@ -276,13 +278,12 @@ impl<R: Readings> Checker<R> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
     use std::time::Duration;
 
     use super::*;
     use crate::backend::TargetPolicy;
 
-    /// Readings set by the test: per pid (CPU ticks so far, threads, start time), the load.
+    /// Readings set by the test: per pid (CPU time so far, threads, start time), the load.
     #[derive(Default)]
     struct Fake {
         processes: HashMap<u32, ProcessStat>,
@@ -290,14 +291,15 @@ mod tests {
     }
 
     impl Readings for Fake {
-        fn process_stat(&mut self, pid: u32) -> Result<ProcessStat, SampleError> {
-            self.processes
-                .get(&pid)
-                .copied()
-                .ok_or_else(|| SampleError::Read {
-                    path: PathBuf::from(format!("/proc/{pid}/stat")),
-                    source: std::io::ErrorKind::NotFound.into(),
+        fn process_stats(&mut self, pids: &[u32]) -> Vec<Result<ProcessStat, SampleError>> {
+            pids.iter()
+                .map(|&pid| {
+                    self.processes
+                        .get(&pid)
+                        .copied()
+                        .ok_or(SampleError::NotListed { pid })
                 })
+                .collect()
         }
 
         fn load_average(&mut self) -> Result<f64, SampleError> {
@@ -315,17 +317,18 @@ mod tests {
         })
     }
 
-    /// A checker at 100 ticks a second, and its clock's `second`.
+    /// A checker, and its clock's `second`.
     fn checker() -> (Checker<Fake>, impl Fn(u64) -> Instant) {
         let epoch = Instant::now();
-        (Checker::new(Fake::default(), 100, epoch), move |second| {
+        (Checker::new(Fake::default(), epoch), move |second| {
             epoch + Duration::from_secs(second)
         })
     }
 
+    /// CPU time in 10 ms ticks.
     fn stat(cpu_ticks: u64, threads: u64) -> ProcessStat {
         ProcessStat {
-            cpu_ticks,
+            cpu_ns: cpu_ticks * 10_000_000,
             threads,
             start_time: 7,
         }
@@ -565,7 +568,7 @@ mod tests {
         checker.readings.processes.insert(
             1,
             ProcessStat {
-                cpu_ticks: 0,
+                cpu_ns: 0,
                 threads: 50,
                 start_time: 99,
             },

@@ -13,6 +13,6 @@ mod triggers;
 mod window;
 
 pub use checker::{Checker, Fired, Readings};
-pub use sampler::{CpuUsage, ProcReader, ProcessStat, SampleError};
+pub use sampler::{CpuUsage, HostReadings, ProcReader, ProcessStat, SampleError};
 pub(crate) use scheduler::{ContinuousConfig, Scheduler};
 pub use window::CheckWindow;

@@ -1,11 +1,15 @@
-//! What the checkers read, under a configurable proc root (a fake one in tests): a process's
-//! CPU time and thread count from `/proc/PID/stat` (one read serves both monitors), and the
-//! host's 1-minute load average from `/proc/loadavg`.
+//! What the checkers read: every watched process's CPU time and thread count, in one read of
+//! the kernel's process-CPU iterator ([`HostReadings`]), or from `/proc/PID/stat` under a
+//! configurable proc root (a fake one in tests) when the iterator cannot be used; and the host's
+//! 1-minute load average from `/proc/loadavg`.
 
 use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use tracing::warn;
+
+use crate::bpf::ProcessCpuList;
 use crate::process::proc_files::split_stat;
 
 /// Why a reading failed. A process that exited shows as [`SampleError::process_gone`].
@@ -15,21 +19,30 @@ pub enum SampleError {
     Read { path: PathBuf, source: io::Error },
     #[error("{} is not in the expected form: {text:?}", path.display())]
     Malformed { path: PathBuf, text: String },
+    #[error("process {pid} is not in the kernel's list: it exited")]
+    NotListed { pid: u32 },
 }
 
 impl SampleError {
     /// The process is gone (its `/proc` entry vanished while or before it was read).
     pub fn process_gone(&self) -> bool {
-        matches!(self, Self::Read { source, .. }
-            if source.kind() == io::ErrorKind::NotFound || source.raw_os_error() == Some(libc::ESRCH))
+        match self {
+            Self::Read { source, .. } => {
+                source.kind() == io::ErrorKind::NotFound
+                    || source.raw_os_error() == Some(libc::ESRCH)
+            }
+            Self::NotListed { .. } => true,
+            Self::Malformed { .. } => false,
+        }
     }
 }
 
 /// The fields of `/proc/PID/stat` the checkers use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessStat {
-    /// `utime + stime`, in clock ticks.
-    pub cpu_ticks: u64,
+    /// `utime + stime` in nanoseconds (procfs gives it in clock ticks, the kernel's list in
+    /// nanoseconds).
+    pub cpu_ns: u64,
     /// `num_threads`.
     pub threads: u64,
     /// `starttime`, clock ticks after boot: a reused pid has another.
@@ -42,6 +55,7 @@ pub struct ProcessStat {
 pub struct ProcReader {
     root: PathBuf,
     text: String,
+    ns_per_tick: u64,
 }
 
 impl ProcReader {
@@ -50,6 +64,7 @@ impl ProcReader {
         Self {
             root: root.into(),
             text: String::with_capacity(512),
+            ns_per_tick: ns_per_tick(),
         }
     }
 
@@ -85,7 +100,7 @@ impl ProcReader {
             let threads = fields.next()?.parse().ok()?;
             let start_time = fields.nth(1)?.parse().ok()?;
             Some(ProcessStat {
-                cpu_ticks: utime.checked_add(stime)?,
+                cpu_ns: utime.checked_add(stime)?.checked_mul(self.ns_per_tick)?,
                 threads,
                 start_time,
             })
@@ -106,23 +121,106 @@ impl ProcReader {
     }
 }
 
+/// `USER_HZ` as nanoseconds per clock tick, the unit of `stat`'s times.
+fn ns_per_tick() -> u64 {
+    1_000_000_000 / procfs::ticks_per_second().max(1)
+}
+
+/// What the agent's checker reads: every watched process in one read of the kernel's
+/// process-CPU iterator (loaded at the first sample), or `/proc/PID/stat` per process when the
+/// iterator cannot be loaded or fails (then for good, said once), and `/proc/loadavg`.
+pub struct HostReadings {
+    list: KernelList,
+    proc: ProcReader,
+    ns_per_tick: u64,
+}
+
+enum KernelList {
+    NotLoaded,
+    Loaded(Box<ProcessCpuList>),
+    Unusable,
+}
+
+impl HostReadings {
+    pub fn new() -> Self {
+        Self {
+            list: KernelList::NotLoaded,
+            proc: ProcReader::new("/proc"),
+            ns_per_tick: ns_per_tick(),
+        }
+    }
+
+    /// Whether the processes are read from the kernel's list (after the first sample).
+    pub fn reads_kernel_list(&self) -> bool {
+        matches!(self.list, KernelList::Loaded(_))
+    }
+
+    /// Reads every process of `pids` once, in their order.
+    pub fn process_stats(&mut self, pids: &[u32]) -> Vec<Result<ProcessStat, SampleError>> {
+        if matches!(self.list, KernelList::NotLoaded) {
+            self.list = match ProcessCpuList::load() {
+                Ok(list) => KernelList::Loaded(Box::new(list)),
+                Err(error) => {
+                    warn!(
+                        "continuous profiling reads each process's /proc/PID/stat instead of the \
+                         kernel's process list ({:#}), which costs more CPU",
+                        anyhow::Error::from(error)
+                    );
+                    KernelList::Unusable
+                }
+            };
+        }
+        if let KernelList::Loaded(list) = &mut self.list {
+            match list.read(pids) {
+                Ok(listed) => {
+                    return pids
+                        .iter()
+                        .map(|&pid| {
+                            listed
+                                .get(&pid)
+                                .map(|process| ProcessStat {
+                                    cpu_ns: process.runtime_ns,
+                                    threads: u64::from(process.threads),
+                                    start_time: process.start_boottime_ns / self.ns_per_tick,
+                                })
+                                .ok_or(SampleError::NotListed { pid })
+                        })
+                        .collect();
+                }
+                Err(error) => {
+                    warn!(
+                        "the kernel's process list failed, continuous profiling reads each \
+                         process's /proc/PID/stat from now on: {:#}",
+                        anyhow::Error::from(error)
+                    );
+                    self.list = KernelList::Unusable;
+                }
+            }
+        }
+        pids.iter()
+            .map(|&pid| self.proc.process_stat(pid))
+            .collect()
+    }
+
+    pub fn load_average(&mut self) -> Result<f64, SampleError> {
+        self.proc.load_average()
+    }
+}
+
+impl Default for HostReadings {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// One process's CPU use between consecutive samples, in % of one core: what it used lately,
 /// not Rover's average over its whole life.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct CpuUsage {
-    ticks_per_second: u64,
     previous: Option<(ProcessStat, Instant)>,
 }
 
 impl CpuUsage {
-    /// `ticks_per_second` is `procfs::ticks_per_second()` (`USER_HZ`) in the agent.
-    pub fn new(ticks_per_second: u64) -> Self {
-        Self {
-            ticks_per_second: ticks_per_second.max(1),
-            previous: None,
-        }
-    }
-
     /// The use since the previous sample; `None` for the first one, and when the pid now names
     /// another process or no time passed (the next sample starts from this one).
     pub fn update(&mut self, stat: ProcessStat, at: Instant) -> Option<f64> {
@@ -132,8 +230,8 @@ impl CpuUsage {
             return None;
         }
         let wall = at.checked_duration_since(then)?.as_secs_f64();
-        let ticks = stat.cpu_ticks.checked_sub(before.cpu_ticks)?;
-        (wall > 0.0).then(|| ticks as f64 / self.ticks_per_second as f64 / wall * 100.0)
+        let ns = stat.cpu_ns.checked_sub(before.cpu_ns)?;
+        (wall > 0.0).then(|| ns as f64 / 1e9 / wall * 100.0)
     }
 }
 
@@ -170,7 +268,7 @@ mod tests {
         assert_eq!(
             reader.process_stat(123).expect("readable"),
             ProcessStat {
-                cpu_ticks: 150,
+                cpu_ns: 150 * ns_per_tick(),
                 threads: 7,
                 start_time: 999,
             }
@@ -201,36 +299,44 @@ mod tests {
     }
 
     #[test]
-    fn cpu_use_is_the_tick_delta_over_wall_time() {
+    fn cpu_use_is_the_cpu_time_delta_over_wall_time() {
         let t0 = Instant::now();
         let s = Duration::from_secs;
-        let stat = |cpu_ticks, start_time| ProcessStat {
-            cpu_ticks,
+        let ms = |ms: u64| ms * 1_000_000;
+        let stat = |cpu_ns, start_time| ProcessStat {
+            cpu_ns,
             threads: 1,
             start_time,
         };
-        let mut usage = CpuUsage::new(100);
-        assert_eq!(usage.update(stat(1000, 5), t0), None, "the first sample");
-        // 40 ticks of 10 ms over 1 s: 40 % of a core.
-        assert_eq!(usage.update(stat(1040, 5), t0 + s(1)), Some(40.0));
-        // 300 ticks over 2 s: 1.5 cores.
-        assert_eq!(usage.update(stat(1340, 5), t0 + s(3)), Some(150.0));
-        assert_eq!(usage.update(stat(1340, 5), t0 + s(4)), Some(0.0), "idle");
+        let mut usage = CpuUsage::default();
         assert_eq!(
-            usage.update(stat(1350, 5), t0 + s(4)),
+            usage.update(stat(ms(10_000), 5), t0),
+            None,
+            "the first sample"
+        );
+        // 400 ms over 1 s: 40 % of a core.
+        assert_eq!(usage.update(stat(ms(10_400), 5), t0 + s(1)), Some(40.0));
+        // 3 s over 2 s: 1.5 cores.
+        assert_eq!(usage.update(stat(ms(13_400), 5), t0 + s(3)), Some(150.0));
+        assert_eq!(
+            usage.update(stat(ms(13_400), 5), t0 + s(4)),
+            Some(0.0),
+            "idle"
+        );
+        assert_eq!(
+            usage.update(stat(ms(13_500), 5), t0 + s(4)),
             None,
             "no time passed"
         );
         // The pid was reused: a new process, a new start.
-        assert_eq!(usage.update(stat(3, 77), t0 + s(5)), None);
-        assert_eq!(usage.update(stat(53, 77), t0 + s(6)), Some(50.0));
-        // A clock going back or ticks going back never panic.
-        assert_eq!(usage.update(stat(60, 77), t0 + s(2)), None);
-        assert_eq!(usage.update(stat(10, 77), t0 + s(9)), None);
-        // Another tick rate.
-        let mut fast = CpuUsage::new(1000);
-        fast.update(stat(0, 1), t0);
-        assert_eq!(fast.update(stat(250, 1), t0 + s(1)), Some(25.0));
+        assert_eq!(usage.update(stat(ms(30), 77), t0 + s(5)), None);
+        assert_eq!(usage.update(stat(ms(530), 77), t0 + s(6)), Some(50.0));
+        // A clock going back or CPU time going back never panic.
+        assert_eq!(usage.update(stat(ms(600), 77), t0 + s(2)), None);
+        assert_eq!(usage.update(stat(ms(100), 77), t0 + s(9)), None);
+        // Below a clock tick: the kernel's list counts nanoseconds.
+        usage.update(stat(0, 1), t0);
+        assert_eq!(usage.update(stat(2_500_000, 1), t0 + s(1)), Some(0.25));
     }
 
     /// SYSTEM_LOAD through an injected reading: a fake `/proc/loadavg`.

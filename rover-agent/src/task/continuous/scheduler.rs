@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::checker::Checker;
 use super::policies::Policies;
-use super::sampler::ProcReader;
+use super::sampler::HostReadings;
 use super::triggers::{Refusal, TriggerKey, Triggers};
 use crate::backend::{
     Backend, MeterValue, ProcessDirectory, ProfilingTarget, UploadBuffer, encode_meters,
@@ -75,7 +75,7 @@ pub(crate) struct Scheduler {
     buffer: Arc<UploadBuffer>,
     config: ContinuousConfig,
     policies: Policies,
-    checker: Checker<ProcReader>,
+    checker: Checker<HostReadings>,
     /// The pids the checker watches.
     checked: HashMap<u32, Checked>,
     triggers: Triggers,
@@ -100,11 +100,7 @@ impl Scheduler {
             backend,
             directory,
             buffer,
-            checker: Checker::new(
-                ProcReader::new("/proc"),
-                procfs::ticks_per_second(),
-                std::time::Instant::now(),
-            ),
+            checker: Checker::new(HostReadings::new(), std::time::Instant::now()),
             config,
             policies: Policies::default(),
             checked: HashMap::new(),

@@ -14,6 +14,11 @@
 //!   them reported and kept alive once (startup over), stays idle SECONDS, prints `done ...`, and
 //!   once its stdin closes (the bench samples the agent's /proc at both lines) stops everything
 //!   it started (also on error: guards).
+//!   With `--policy` (`cargo xtask bench continuous`), the fake OAP gives the processes' service
+//!   a continuous-profiling policy with one item of each sampled monitor (PROCESS_CPU,
+//!   PROCESS_THREAD_COUNT, SYSTEM_LOAD) at thresholds an idle host never reaches: every process
+//!   is sampled every second and checked, none fires. `ready` then also waits for a meter of
+//!   every process (each one sampled), and `done` counts the meters and triggers.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
@@ -33,7 +38,9 @@ use raw_sink::{RawProfilingSink, RawStream};
 use rover_agent::backend::{Backend, UploadBuffer, UploadTask, Uploader, encode_window};
 use rover_agent::config::{BackendAddr, BackendSettings};
 use rover_agent::profile::{Frame, FrameKind, ProcessLabel, Profile, ValueType};
-use rover_proto::v3::{EbpfProfilingData, EbpfProfilingTaskMetadata, ebpf_profiling_data};
+use rover_proto::v3::{
+    EbpfProfilingData, EbpfProfilingTaskMetadata, ebpf_profiling_data, meter_data,
+};
 
 mod raw_sink;
 
@@ -74,6 +81,9 @@ enum Mode {
         /// How long to stay idle once every process is reported.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Put every process under a continuous-profiling policy that never fires.
+        #[arg(long)]
+        policy: bool,
     },
 }
 
@@ -91,7 +101,8 @@ fn main() -> anyhow::Result<()> {
             agent,
             processes,
             seconds,
-        } => idle(&agent, processes, Duration::from_secs(seconds)),
+            policy,
+        } => idle(&agent, processes, Duration::from_secs(seconds), policy),
     }
 }
 
@@ -664,7 +675,7 @@ process_discovery:
     regex:
       - match_cmd: \"^{IDLE_NAME}[0-9]+ \"
         layer: OS_LINUX
-        service_name: rover-bench
+        service_name: {IDLE_SERVICE}
         instance_name: \"{{{{.Rover.HostName}}}}\"
         process_name: \"{{{{.Process.ExeNameInCommandLine}}}}\"
         labels: bench
@@ -675,7 +686,52 @@ profiling:
     )
 }
 
-fn idle(agent_binary: &Path, processes: usize, seconds: Duration) -> anyhow::Result<()> {
+/// The service the host rule names the sleeping processes under (`config`).
+const IDLE_SERVICE: &str = "rover-bench";
+
+/// A policy with one item per sampled monitor, at thresholds an idle host never reaches: a
+/// sleeping process at 95% of a core, 10,000 threads, a load of 10,000.
+fn never_firing_policy() -> serde_json::Value {
+    let item =
+        |threshold: &str| serde_json::json!({ "Threshold": threshold, "Period": 5, "Count": 3 });
+    serde_json::json!({
+        "ON_CPU": {
+            "PROCESS_CPU": item("95"),
+            "PROCESS_THREAD_COUNT": item("10000"),
+            "SYSTEM_LOAD": item("10000"),
+        }
+    })
+}
+
+/// How many of the processes named `names` have a `process_cpu` meter in `recorded`: the
+/// checker sampled them (a meter carries the process's name).
+fn sampled(recorded: &Recorded, names: &HashSet<String>) -> usize {
+    recorded
+        .meters
+        .iter()
+        .filter_map(|meter| match &meter.metric {
+            Some(meter_data::Metric::SingleValue(value))
+                if value.name.ends_with("_process_cpu") =>
+            {
+                value
+                    .labels
+                    .iter()
+                    .find(|label| label.name == "process_name")
+                    .map(|label| &label.value)
+                    .filter(|name| names.contains(*name))
+            }
+            _ => None,
+        })
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+fn idle(
+    agent_binary: &Path,
+    processes: usize,
+    seconds: Duration,
+    policy: bool,
+) -> anyhow::Result<()> {
     ensure!(processes > 0, "--processes must be at least 1");
     // Many children at once: make sure the sleepers are reaped even if a spawn fails midway.
     let mut sleepers = Children(Vec::with_capacity(processes));
@@ -699,6 +755,9 @@ fn idle(agent_binary: &Path, processes: usize, seconds: Duration) -> anyhow::Res
         .filter_map(|child| i32::try_from(child.id()).ok())
         .collect();
     let fake = FakeOap::start()?;
+    if policy {
+        fake.set_policy(IDLE_SERVICE, "bench-never-fires", never_firing_policy());
+    }
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("node-agent.yaml");
     std::fs::write(&config_path, config(fake.addr().port()))?;
@@ -757,10 +816,28 @@ fn idle(agent_binary: &Path, processes: usize, seconds: Duration) -> anyhow::Res
     )) {
         bail!("{timed_out}; agent log:\n{}", agent.log_tail());
     }
+    // Under the policy, startup ends once every process was sampled and its values sent
+    // (meters go out every check interval).
+    let names: HashSet<String> = (0..processes)
+        .map(|index| format!("{IDLE_NAME}{index}"))
+        .collect();
+    if policy
+        && let Err(timed_out) = runtime.block_on(fake.wait_for(
+            |recorded| sampled(recorded, &names) == processes,
+            Duration::from_secs(90),
+        ))
+    {
+        bail!(
+            "{timed_out} ({} of {processes} processes sampled); agent log:\n{}",
+            sampled(&timed_out.recorded, &names),
+            agent.log_tail()
+        );
+    }
     let ready = fake.recorded();
     println!(
-        "ready agent_pid={agent_pid} reported={} reported_after_ms={} ready_after_ms={}",
+        "ready agent_pid={agent_pid} reported={} sampled={} reported_after_ms={} ready_after_ms={}",
         reported(&ready),
+        sampled(&ready, &names),
         reported_after.as_millis(),
         started.elapsed().as_millis()
     );
@@ -791,12 +868,15 @@ fn idle(agent_binary: &Path, processes: usize, seconds: Duration) -> anyhow::Res
     };
     println!(
         "done report_calls={} keep_alive_calls={} task_queries={} profiling_streams={} \
-         reported={}",
+         reported={} policy_queries={} meters={} triggers={}",
         count("reportProcesses") - ready_count("reportProcesses"),
         count("keepAlive") - ready_count("keepAlive"),
         count("queryTasks") - ready_count("queryTasks"),
         done.profiling_streams.len(),
         reported(&done),
+        done.policy_queries.len() - ready.policy_queries.len(),
+        done.meters.len() - ready.meters.len(),
+        done.continuous_reports.len(),
     );
     std::io::stdout().flush()?;
     // The bench samples the agent's /proc on `done`, then closes our stdin.
