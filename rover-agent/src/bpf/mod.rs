@@ -17,17 +17,21 @@ mod memory;
 mod object;
 mod privilege;
 mod profiler;
+mod program_runs;
 mod targets;
 mod task_list;
 
 pub use counters::Counters;
-pub use engine::{Delivery, Engine, EngineStatus, RecordingId, RecordingSpec};
+pub use engine::{
+    Delivery, Engine, EngineStatus, EngineTotals, ProfilerTotals, RecordingId, RecordingSpec,
+};
 pub use error::Error;
 pub use events::{ChangedProcesses, ProcessChanges, ProcessEvent};
 pub use host::{HostCheck, check_host};
 pub use memory::{DEFAULT_MAP_MEMORY_BYTES, MIN_MAP_MEMORY_BYTES, MapCapacity};
 pub use privilege::{Privilege, check_privilege, require_privilege};
 pub use profiler::ProfilerSettings;
+pub use program_runs::{ProgramRuns, bpf_stats_enabled};
 pub use targets::TargetOptions;
 pub use task_list::TaskList;
 
