@@ -126,45 +126,46 @@ pub(super) async fn serve(
 
 /// What a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Page {
+enum Route {
     Health,
     Ready,
     Metrics,
+    /// Another path: 404.
+    NotFound,
+    /// One of the pages with another method than GET: 405.
+    NotAllowed,
 }
 
-/// The page asked for, or the answer to a request for none: 404 for another path, 405 for
-/// another method.
-fn route(method: &Method, path: &str) -> Result<Page, Response<Full<Bytes>>> {
+fn route(method: &Method, path: &str) -> Route {
     let page = match path {
-        "/healthz" => Page::Health,
-        "/readyz" => Page::Ready,
-        "/metrics" => Page::Metrics,
-        _ => {
-            return Err(text(
-                StatusCode::NOT_FOUND,
-                "not found: try /healthz, /readyz or /metrics\n",
-            ));
-        }
+        "/healthz" => Route::Health,
+        "/readyz" => Route::Ready,
+        "/metrics" => Route::Metrics,
+        _ => return Route::NotFound,
     };
-    if method != Method::GET {
-        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed\n");
-        response
-            .headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
-        return Err(response);
+    if method == Method::GET {
+        page
+    } else {
+        Route::NotAllowed
     }
-    Ok(page)
 }
 
 async fn respond(state: &EndpointState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let page = match route(request.method(), request.uri().path()) {
-        Ok(page) => page,
-        Err(response) => return response,
-    };
+    let route = route(request.method(), request.uri().path());
+    match route {
+        Route::NotFound => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found: try /healthz, /readyz or /metrics\n",
+            );
+        }
+        Route::NotAllowed => return not_allowed(),
+        Route::Health | Route::Ready | Route::Metrics => {}
+    }
     let engine = engine_totals(&state.agent).await;
-    match page {
-        Page::Health => report(&liveness(state, engine.is_some())),
-        Page::Ready => {
+    match route {
+        Route::Health => report(&liveness(state, engine.is_some())),
+        Route::Ready => {
             let mut problems = liveness(state, engine.is_some());
             problems.extend(readiness(
                 state.backend.call_stats().answered > 0,
@@ -172,7 +173,7 @@ async fn respond(state: &EndpointState, request: &Request<Incoming>) -> Response
             ));
             report(&problems)
         }
-        Page::Metrics => match engine {
+        _ => match engine {
             Some(engine) => scrape(state, engine),
             None => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -180,6 +181,15 @@ async fn respond(state: &EndpointState, request: &Request<Incoming>) -> Response
             ),
         },
     }
+}
+
+/// 405, saying which method is.
+fn not_allowed() -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed\n");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+    response
 }
 
 async fn engine_totals(agent: &Agent) -> Option<EngineTotals> {
@@ -300,21 +310,22 @@ mod tests {
 
     #[test]
     fn the_three_pages_answer_get_only_and_other_paths_are_not_found() {
-        assert_eq!(route(&Method::GET, "/healthz").ok(), Some(Page::Health));
-        assert_eq!(route(&Method::GET, "/readyz").ok(), Some(Page::Ready));
-        assert_eq!(route(&Method::GET, "/metrics").ok(), Some(Page::Metrics));
+        assert_eq!(route(&Method::GET, "/healthz"), Route::Health);
+        assert_eq!(route(&Method::GET, "/readyz"), Route::Ready);
+        assert_eq!(route(&Method::GET, "/metrics"), Route::Metrics);
         for path in ["/", "/metrics/", "/healthz/x", "/favicon.ico", ""] {
-            let response = route(&Method::GET, path).expect_err(path);
-            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+            assert_eq!(route(&Method::GET, path), Route::NotFound, "{path}");
+            assert_eq!(route(&Method::POST, path), Route::NotFound, "{path}");
         }
         for method in [Method::POST, Method::HEAD, Method::PUT, Method::DELETE] {
-            let response = route(&method, "/metrics").expect_err("not GET");
-            assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-            assert_eq!(
-                response.headers().get(header::ALLOW).map(|v| v.as_bytes()),
-                Some(&b"GET"[..])
-            );
+            assert_eq!(route(&method, "/metrics"), Route::NotAllowed, "{method}");
         }
+        let response = not_allowed();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            response.headers().get(header::ALLOW).map(|v| v.as_bytes()),
+            Some(&b"GET"[..])
+        );
     }
 
     #[tokio::test]
