@@ -145,6 +145,10 @@ pub struct NodeConfig {
     pub log_level: String,
     /// `profiling.continuous`; the agent's defaults when `None`.
     pub continuous: Option<ContinuousConfig>,
+    /// `rover_rs.http_listen`: by default a port the system picks, so that agents of several
+    /// tests (or a developer's agent on the default port) never collide; the agent logs it
+    /// ([`NodeAgent::http_address`]).
+    pub http_listen: String,
 }
 
 impl NodeConfig {
@@ -167,6 +171,7 @@ impl NodeConfig {
             shutdown_deadline: "5s".to_owned(),
             log_level: "info".to_owned(),
             continuous: None,
+            http_listen: "127.0.0.1:0".to_owned(),
         }
     }
 
@@ -238,8 +243,8 @@ impl NodeConfig {
         }
         let _ = writeln!(
             yaml,
-            "rover_rs:\n  shutdown_deadline: {}",
-            self.shutdown_deadline
+            "rover_rs:\n  shutdown_deadline: {}\n  http_listen: '{}'",
+            self.shutdown_deadline, self.http_listen
         );
         if let Some(continuous) = &self.continuous {
             let _ = writeln!(
@@ -404,6 +409,13 @@ impl NodeAgent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The address of the agent's HTTP endpoint, from its log (waiting at most `timeout`).
+    pub fn http_address(&mut self, timeout: Duration) -> Option<std::net::SocketAddr> {
+        let line = self.wait_for_log(&["HTTP endpoint listening"], timeout)?;
+        let (_, after) = line.split_once("address=")?;
+        after.split_whitespace().next()?.parse().ok()
     }
 
     /// The agent's log and what `fake` recorded, for failure messages.

@@ -1,8 +1,9 @@
 //! The gRPC channel to the OAP: plain or TLS (CA, client certificate, skip-verify), with the
 //! `authentication` metadata on every call.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rover_proto::v3::continuous_profiling_service_client::ContinuousProfilingServiceClient;
@@ -19,6 +20,16 @@ use tonic::transport::{Channel, Endpoint};
 use super::Error;
 use crate::config::{BackendSettings, TlsSettings};
 
+/// Every call made to the OAP, by gRPC method name: their failures are counted from zero.
+const CALLS: [&str; 7] = [
+    "reportProcesses",
+    "keepAlive",
+    "queryTasks",
+    "collectProfilingData",
+    "queryPolicies",
+    "reportProfilingTask",
+    "collectBatch",
+];
 /// How long establishing a connection may take before a call fails (and is retried later).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A call the OAP accepted but does not answer fails after this (uploads included).
@@ -33,6 +44,23 @@ pub struct Backend {
     /// Set by any failed call (an upload, a task poll, ...): the OAP may have restarted
     /// meanwhile and forgotten this agent's processes.
     contact_lost: Arc<AtomicBool>,
+    calls: Arc<CallCounts>,
+}
+
+/// What the calls to the OAP did, for the agent's self-metrics and readiness.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallStats {
+    /// Calls the OAP answered.
+    pub answered: u64,
+    /// Failed calls, by the call's gRPC method name.
+    pub failed: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug)]
+struct CallCounts {
+    answered: AtomicU64,
+    /// Failures are rare: a lock costs nothing on the path of answered calls.
+    failed: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 pub type ProcessClient = EbpfProcessServiceClient<InterceptedService<Channel, Authentication>>;
@@ -75,12 +103,50 @@ impl Backend {
             channel: InterceptedService::new(channel, Authentication(authentication)),
             addr,
             contact_lost: Arc::new(AtomicBool::new(false)),
+            calls: Arc::new(CallCounts {
+                answered: AtomicU64::new(0),
+                failed: Mutex::new(CALLS.into_iter().map(|call| (call, 0)).collect()),
+            }),
         })
     }
 
     /// `host:port` of the OAP, for messages.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Counts a call's outcome; a failure becomes an [`Error`] naming the call, and marks the
+    /// contact lost.
+    pub(super) fn outcome<T>(
+        &self,
+        call: &'static str,
+        result: Result<T, tonic::Status>,
+    ) -> Result<T, Error> {
+        match result {
+            Ok(answer) => {
+                self.calls.answered.fetch_add(1, Ordering::Relaxed);
+                Ok(answer)
+            }
+            Err(status) => {
+                if let Ok(mut failed) = self.calls.failed.lock() {
+                    *failed.entry(call).or_default() += 1;
+                }
+                Err(Error::call(call, self, status))
+            }
+        }
+    }
+
+    /// What the calls made through this channel (and its clones) did so far.
+    pub fn call_stats(&self) -> CallStats {
+        CallStats {
+            answered: self.calls.answered.load(Ordering::Relaxed),
+            failed: self
+                .calls
+                .failed
+                .lock()
+                .map(|failed| failed.clone())
+                .unwrap_or_default(),
+        }
     }
 
     pub(super) fn lost_contact(&self) {

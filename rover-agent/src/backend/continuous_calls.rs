@@ -38,12 +38,8 @@ pub async fn query_policies(
             )
             .collect(),
     };
-    let reply = backend
-        .continuous()
-        .query_policies(query)
-        .await
-        .map_err(|status| Error::call("queryPolicies", backend, status))?
-        .into_inner();
+    let reply = backend.continuous().query_policies(query).await;
+    let reply = backend.outcome("queryPolicies", reply)?.into_inner();
     Ok(parse_policy_reply(&reply)?)
 }
 
@@ -52,12 +48,8 @@ pub async fn report_profiling_task(
     backend: &Backend,
     report: ContinuousProfilingReport,
 ) -> Result<String, ContinuousCallError> {
-    let reply = backend
-        .continuous()
-        .report_profiling_task(report)
-        .await
-        .map_err(|status| Error::call("reportProfilingTask", backend, status))?
-        .into_inner();
+    let reply = backend.continuous().report_profiling_task(report).await;
+    let reply = backend.outcome("reportProfilingTask", reply)?.into_inner();
     Ok(parse_report_reply(&reply)?)
 }
 
@@ -69,10 +61,10 @@ pub async fn report_meters(
     if collections.is_empty() {
         return Ok(());
     }
-    backend
+    let reply = backend
         .meters()
         .collect_batch(futures_util::stream::iter(collections))
-        .await
-        .map_err(|status| Error::call("collectBatch", backend, status))?;
+        .await;
+    backend.outcome("collectBatch", reply)?;
     Ok(())
 }

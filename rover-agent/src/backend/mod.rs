@@ -15,7 +15,7 @@ mod upload;
 use std::path::PathBuf;
 
 pub use backoff::Backoff;
-pub use connection::Backend;
+pub use connection::{Backend, CallStats};
 pub use continuous_calls::{
     ContinuousCallError, query_policies, report_meters, report_profiling_task,
 };
@@ -28,7 +28,7 @@ pub use continuous_report::{
     parse_report_reply,
 };
 pub use profiling_data::{UploadTask, WindowBatch, encode_window};
-pub use reporter::{ProcessDirectory, ProcessReporter};
+pub use reporter::{ProcessCounts, ProcessDirectory, ProcessReporter};
 pub use task_command::{
     ProfilingTarget, ProfilingTaskCommand, TaskCommandError, TaskSchedule, TaskWatermark,
     query_tasks,

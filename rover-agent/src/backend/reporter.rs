@@ -3,6 +3,7 @@
 //! was unreachable (it may have restarted and forgotten them).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rover_proto::v3::{
@@ -23,17 +24,37 @@ const SUPPORT_EBPF_PROFILING: &str = "support_ebpf_profiling";
 /// The OAP's process ids of the processes this agent reported, to their entities (pid
 /// included): what tasks name, and what continuous profiling checks.
 #[derive(Clone, Debug, Default)]
-pub struct ProcessDirectory(Arc<RwLock<HashMap<String, Arc<ProcessEntity>>>>);
+pub struct ProcessDirectory {
+    ids: Arc<RwLock<HashMap<String, Arc<ProcessEntity>>>>,
+    /// Processes the reporter holds (found by discovery), reported or not yet.
+    found: Arc<AtomicUsize>,
+}
+
+/// How many processes the agent reports, for its self-metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessCounts {
+    /// Found by discovery, to report.
+    pub found: usize,
+    /// Known to the OAP by an id, kept alive every heartbeat.
+    pub reported: usize,
+}
 
 impl ProcessDirectory {
     /// The local pid of the OAP's process `id`, if this agent reported it.
     pub fn pid(&self, id: &str) -> Option<u32> {
-        Some(self.0.read().ok()?.get(id)?.pid)
+        Some(self.ids.read().ok()?.get(id)?.pid)
+    }
+
+    pub fn counts(&self) -> ProcessCounts {
+        ProcessCounts {
+            found: self.found.load(Ordering::Relaxed),
+            reported: self.ids.read().map_or(0, |ids| ids.len()),
+        }
     }
 
     /// Every process the OAP knows by an id, with that id.
     pub fn reported(&self) -> Vec<(String, Arc<ProcessEntity>)> {
-        self.0.read().map_or_else(
+        self.ids.read().map_or_else(
             |_| Vec::new(),
             |ids| {
                 ids.iter()
@@ -44,13 +65,13 @@ impl ProcessDirectory {
     }
 
     fn set(&self, id: String, entity: &ProcessEntity) {
-        if let Ok(mut ids) = self.0.write() {
+        if let Ok(mut ids) = self.ids.write() {
             ids.insert(id, Arc::new(entity.clone()));
         }
     }
 
     fn remove(&self, id: &str) {
-        if let Ok(mut ids) = self.0.write() {
+        if let Ok(mut ids) = self.ids.write() {
             ids.remove(id);
         }
     }
@@ -104,6 +125,9 @@ impl ProcessReporter {
                 to_report: true,
             },
         );
+        self.directory
+            .found
+            .store(self.processes.len(), Ordering::Relaxed);
     }
 
     /// A process that exited (or no longer matches): no longer kept alive.
@@ -111,6 +135,9 @@ impl ProcessReporter {
         if let Some(Reported { id: Some(id), .. }) = self.processes.remove(&pid) {
             self.directory.remove(&id);
         }
+        self.directory
+            .found
+            .store(self.processes.len(), Ordering::Relaxed);
     }
 
     /// One heartbeat: reports what the OAP does not know (everything, every
@@ -151,14 +178,15 @@ impl ProcessReporter {
             .collect();
         if !alive.is_empty() {
             let count = alive.len();
-            self.backend
+            let reply = self
+                .backend
                 .processes()
                 .keep_alive(EbpfProcessPingPkgList {
                     processes: alive,
                     ebpf_agent_id: self.agent_id.clone(),
                 })
-                .await
-                .map_err(|status| Error::call("keepAlive", &self.backend, status))?;
+                .await;
+            self.backend.outcome("keepAlive", reply)?;
             debug!(processes = count, "kept processes alive");
         }
         Ok(())
@@ -207,9 +235,8 @@ impl ProcessReporter {
                 processes,
                 ebpf_agent_id: self.agent_id.clone(),
             })
-            .await
-            .map_err(|status| Error::call("reportProcesses", &self.backend, status))?
-            .into_inner();
+            .await;
+        let reply = self.backend.outcome("reportProcesses", reply)?.into_inner();
         let matched = self.match_reply(&reply);
         for pid in pids {
             if let Some(process) = self.processes.get_mut(pid) {

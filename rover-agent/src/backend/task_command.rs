@@ -391,9 +391,8 @@ pub async fn query_tasks(
             rover_instance_id: agent_id.to_owned(),
             latest_update_time: watermark.latest_ms(),
         })
-        .await
-        .map_err(|status| Error::call("queryTasks", backend, status))?
-        .into_inner();
+        .await;
+    let reply = backend.outcome("queryTasks", reply)?.into_inner();
     Ok(parse_task_commands(&reply))
 }
 

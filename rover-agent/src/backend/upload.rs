@@ -18,6 +18,8 @@ use super::{Backend, Error};
 pub struct UploadStats {
     /// Messages of streams the OAP acknowledged.
     pub messages_sent: u64,
+    /// Their encoded bytes.
+    pub bytes_sent: u64,
     /// Batches (a process's window) dropped, oldest first, because the OAP could not take them
     /// in time and the buffer was full.
     pub batches_dropped: u64,
@@ -113,6 +115,7 @@ impl UploadBuffer {
         }
         queue.bytes -= sent_bytes;
         queue.stats.messages_sent += 1;
+        queue.stats.bytes_sent += sent_bytes as u64;
         Some(message)
     }
 }
@@ -135,7 +138,7 @@ impl Uploader {
         if queued == 0 {
             return Ok(0);
         }
-        let sent_before = buffer.stats().messages_sent;
+        let before = buffer.stats();
         // Only what is queued now: windows arriving during the send wait for the next flush.
         let mut remaining_batches = queued;
         let mut started = false;
@@ -151,16 +154,17 @@ impl Uploader {
             std::task::Poll::Ready(message)
         });
         let result = self.collect_profiling_data(stream).await;
-        let sent = buffer.stats().messages_sent - sent_before;
-        match result {
-            Ok(_) => Ok(sent),
-            Err(status) => {
-                let mut queue = buffer.lock();
-                queue.stats.messages_sent -= sent;
-                queue.stats.messages_lost_in_flight += sent;
-                Err(Error::call("collectProfilingData", &self.backend, status))
-            }
+        let after = buffer.stats();
+        let sent = after.messages_sent - before.messages_sent;
+        if result.is_err() {
+            let mut queue = buffer.lock();
+            queue.stats.messages_sent -= sent;
+            queue.stats.bytes_sent -= after.bytes_sent - before.bytes_sent;
+            queue.stats.messages_lost_in_flight += sent;
         }
+        self.backend
+            .outcome("collectProfilingData", result)
+            .map(|_| sent)
     }
 
     /// `collectProfilingData` with messages laid out already (the generated client would encode

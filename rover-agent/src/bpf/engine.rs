@@ -31,6 +31,7 @@ use super::events::{ProcessChanges, ProcessEvent, ProcessEvents};
 use super::loader::{Globals, loader};
 use super::memory::MapCapacity;
 use super::profiler::{Profiler, ProfilerSettings};
+use super::program_runs::{ProgramRuns, ProgramTotals};
 use super::targets::TargetOptions;
 use super::{Counters, Error, ProfilerKind, RawStack, Targets};
 use crate::heap::release_freed_memory;
@@ -111,12 +112,33 @@ pub struct EngineStatus {
     pub unrouted_stacks: u64,
 }
 
+/// What the engine counted since it started, summed over every load of each object: totals that
+/// never go back, for the agent's self-metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineTotals {
+    /// Each profiler kind loaded at least once.
+    pub profilers: Vec<ProfilerTotals>,
+    /// Each program loaded at least once (its run time counts only while
+    /// `kernel.bpf_stats_enabled` is 1).
+    pub programs: Vec<ProgramRuns>,
+}
+
+/// One profiler kind's totals.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfilerTotals {
+    pub kind: ProfilerKind,
+    pub counters: Counters,
+    /// Aggregates drained: distinct (process, user stack, kernel stack) per drain interval.
+    pub distinct_stacks: u64,
+}
+
 enum Command {
     Record(RecordingSpec, oneshot::Sender<Result<RecordingId, Error>>),
     AddProcess(RecordingId, u32, oneshot::Sender<Result<(), Error>>),
     RemoveProcess(RecordingId, u32, oneshot::Sender<Result<(), Error>>),
     Stop(RecordingId, oneshot::Sender<Result<(), Error>>),
     Status(oneshot::Sender<EngineStatus>),
+    Totals(oneshot::Sender<EngineTotals>),
     TrackProcessChanges(oneshot::Sender<Result<ProcessChanges, Error>>),
 }
 
@@ -172,6 +194,9 @@ impl Engine {
                     tracking_changes: false,
                     next_id: 1,
                     unrouted_stacks: 0,
+                    retired_counters: HashMap::new(),
+                    distinct_stacks: HashMap::new(),
+                    programs: ProgramTotals::default(),
                 }
                 .run()
             })
@@ -207,6 +232,11 @@ impl Engine {
 
     pub async fn status(&self) -> Result<EngineStatus, Error> {
         self.call(Command::Status).await
+    }
+
+    /// What the engine counted since it started (a few map reads, no iteration).
+    pub async fn totals(&self) -> Result<EngineTotals, Error> {
+        self.call(Command::Totals).await
     }
 
     /// Loads the process events object (if no recording has) and has it mark every exec and
@@ -309,6 +339,12 @@ struct EngineThread<'g> {
     tracking_changes: bool,
     next_id: u64,
     unrouted_stacks: u64,
+    /// The final counters of unloaded profilers, per kind.
+    retired_counters: HashMap<ProfilerKind, Counters>,
+    /// Aggregates drained, per kind.
+    distinct_stacks: HashMap<ProfilerKind, u64>,
+    /// Run statistics of unloaded programs.
+    programs: ProgramTotals,
 }
 
 impl<'g> EngineThread<'g> {
@@ -396,6 +432,9 @@ impl<'g> EngineThread<'g> {
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Command::Totals(reply) => {
+                let _ = reply.send(self.totals());
+            }
             Command::TrackProcessChanges(reply) => {
                 let _ = reply.send(self.track_process_changes());
             }
@@ -419,7 +458,7 @@ impl<'g> EngineThread<'g> {
             Err(error) => {
                 // Nothing to keep loaded for a recording that could not start.
                 if self.recordings_of(kind).next().is_none() {
-                    self.profilers.remove(&kind);
+                    self.unload(kind);
                 }
                 self.drop_unused_events();
                 return Err(error);
@@ -541,7 +580,11 @@ impl<'g> EngineThread<'g> {
         let last_of_kind = self.recordings_of(kind).count() == 1;
         // Nothing more is recorded for it, so the drain below collects everything it gets.
         let untargeted = if last_of_kind {
-            // The counters are final then too.
+            // The counters are final then too; the programs' run statistics go with them.
+            if let Some(loaded) = self.profilers.get(&kind) {
+                let (object, ebpf) = loaded.profiler.object();
+                self.programs.retire(object, ebpf);
+            }
             self.profiler(kind)?.detach()
         } else {
             self.untarget(id)
@@ -590,8 +633,7 @@ impl<'g> EngineThread<'g> {
         };
         let kind = recording.kind;
         if self.recordings_of(kind).next().is_none() {
-            // Dropping the object detaches its programs and frees its maps.
-            self.profilers.remove(&kind);
+            self.unload(kind);
             info!(profiler = kind.name(), "profiler unloaded");
             // Loading it (and the off-CPU profiler's kernel BTF) used memory for a moment.
             release_freed_memory();
@@ -606,6 +648,66 @@ impl<'g> EngineThread<'g> {
             && let Err(error) = events.set_every_process(false)
         {
             warn!("{error}");
+        }
+    }
+
+    /// Drops a profiler (its object detaches its programs and frees its maps), keeping what it
+    /// counted in the totals.
+    fn unload(&mut self, kind: ProfilerKind) {
+        let Some(loaded) = self.profilers.remove(&kind) else {
+            return;
+        };
+        match loaded.profiler.counters() {
+            Ok(counters) => *self.retired_counters.entry(kind).or_default() += counters,
+            Err(error) => warn!(
+                "reading the {} profiler's final counters: {error}",
+                kind.name()
+            ),
+        }
+        let (object, ebpf) = loaded.profiler.object();
+        self.programs.retire(object, ebpf);
+    }
+
+    fn totals(&self) -> EngineTotals {
+        let mut kinds: Vec<ProfilerKind> = self
+            .retired_counters
+            .keys()
+            .chain(self.profilers.keys())
+            .copied()
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        let profilers = kinds
+            .into_iter()
+            .map(|kind| {
+                let mut counters = self
+                    .retired_counters
+                    .get(&kind)
+                    .copied()
+                    .unwrap_or_default();
+                if let Some(loaded) = self.profilers.get(&kind) {
+                    match loaded.profiler.counters() {
+                        Ok(now) => counters += now,
+                        Err(error) => {
+                            warn!("reading the {} profiler's counters: {error}", kind.name());
+                        }
+                    }
+                }
+                ProfilerTotals {
+                    kind,
+                    counters,
+                    distinct_stacks: self.distinct_stacks.get(&kind).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        let loaded = self
+            .profilers
+            .values()
+            .map(|loaded| loaded.profiler.object())
+            .chain(self.events.as_ref().map(ProcessEvents::object));
+        EngineTotals {
+            profilers,
+            programs: self.programs.with_loaded(loaded),
         }
     }
 
@@ -653,8 +755,12 @@ impl<'g> EngineThread<'g> {
 
     /// Unloads the process events object when nothing needs it.
     fn drop_unused_events(&mut self) {
-        if self.recordings.is_empty() && !self.tracking_changes {
-            self.events = None;
+        if self.recordings.is_empty()
+            && !self.tracking_changes
+            && let Some(events) = self.events.take()
+        {
+            let (object, ebpf) = events.object();
+            self.programs.retire(object, ebpf);
         }
     }
 
@@ -804,6 +910,7 @@ impl<'g> EngineThread<'g> {
         match loaded.profiler.drain() {
             Ok(stacks) => {
                 debug!(profiler = kind.name(), stacks = stacks.len(), "drained");
+                *self.distinct_stacks.entry(kind).or_default() += stacks.len() as u64;
                 self.route(kind, stacks);
             }
             Err(error) => {

@@ -36,7 +36,7 @@ pub(super) struct ProcessEvents {
     every_process: bool,
     /// False when the kernel's BTF did not give `task_struct::tgid`: no fork events then.
     forks: bool,
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl ProcessEvents {
@@ -89,8 +89,13 @@ impl ProcessEvents {
             counters,
             every_process: false,
             forks,
-            _ebpf: ebpf,
+            ebpf,
         })
+    }
+
+    /// The object's name and its programs, for their run statistics.
+    pub fn object(&self) -> (&'static str, &Ebpf) {
+        (OBJECT, &self.ebpf)
     }
 
     /// Reports every process (forks included), or only the watched ones.

@@ -18,11 +18,14 @@ mod object;
 mod privilege;
 mod process_cpu;
 mod profiler;
+mod program_runs;
 mod targets;
 mod task_list;
 
 pub use counters::Counters;
-pub use engine::{Delivery, Engine, EngineStatus, RecordingId, RecordingSpec};
+pub use engine::{
+    Delivery, Engine, EngineStatus, EngineTotals, ProfilerTotals, RecordingId, RecordingSpec,
+};
 pub use error::Error;
 pub use events::{ChangedProcesses, ProcessChanges, ProcessEvent};
 pub use host::{HostCheck, check_host};
@@ -30,6 +33,7 @@ pub use memory::{DEFAULT_MAP_MEMORY_BYTES, MIN_MAP_MEMORY_BYTES, MapCapacity};
 pub use privilege::{Privilege, check_privilege, require_privilege};
 pub use process_cpu::{ProcessCpu, ProcessCpuList};
 pub use profiler::ProfilerSettings;
+pub use program_runs::{ProgramRuns, bpf_stats_enabled};
 pub use targets::TargetOptions;
 pub use task_list::TaskList;
 

@@ -230,6 +230,11 @@ impl Profiler {
         self.kind
     }
 
+    /// The object's name and its programs, for their run statistics.
+    pub fn object(&self) -> (&'static str, &Ebpf) {
+        (self.kind.object(), &self.ebpf)
+    }
+
     pub fn capacity(&self) -> MapCapacity {
         self.capacity
     }

@@ -12,7 +12,7 @@ use super::EngineArgs;
 use crate::config::Settings;
 use crate::process::kubernetes::{KubernetesDiscovery, analyzer::Analyzers};
 use crate::process::{HostFacts, HostRuleScanner};
-use crate::task::{Agent, KubernetesSource, NodeSources, run_node};
+use crate::task::{Agent, KubernetesSource, NodeSources, bind_endpoint, run_node};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -40,6 +40,8 @@ pub(super) fn run(args: &RunArgs, verbose: u8) -> anyhow::Result<ExitCode> {
         );
     }
     crate::bpf::require_privilege().context("rover-agent run profiles processes")?;
+    // First: a taken port stops the start before anything is loaded.
+    let http = bind_endpoint(settings.rover_rs.http_listen)?;
     let engine = EngineArgs {
         frequency: Some(frequency_hz(settings.profiling.on_cpu_dump_period)),
         sample_probability: Some(settings.rover_rs.off_cpu_sample_probability),
@@ -63,7 +65,7 @@ pub(super) fn run(args: &RunArgs, verbose: u8) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let agent = Agent::start(agent_config)?;
-    runtime.block_on(run_node(agent, agent_id, &settings, sources, async {
+    runtime.block_on(run_node(agent, agent_id, &settings, sources, http, async {
         let signal = super::stop_signal().await;
         info!("{signal} received");
     }))?;

@@ -19,6 +19,7 @@ mod env;
 mod read;
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -281,7 +282,16 @@ pub struct RoverRsSettings {
     /// targets (default 10, at least 1); a trigger beyond it waits for the next check. Rover has
     /// no such bound, so a policy matching many hot processes profiles them all at once.
     pub max_triggered_runs: u32,
+    /// `http_listen`: where the agent serves `/healthz`, `/readyz` and `/metrics` (default
+    /// `127.0.0.1:9470`: this host only).
+    pub http_listen: SocketAddr,
 }
+
+/// `rover_rs.http_listen` when the file does not set it.
+pub const DEFAULT_HTTP_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9470,
+));
 
 const MIB: u64 = 1024 * 1024;
 
@@ -692,6 +702,14 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
             parse_count,
         )?
         .unwrap_or(10);
+    let http_listen = r
+        .scalar(
+            cx,
+            "http_listen",
+            "an IP address and port, such as 127.0.0.1:9470 or [::1]:9470",
+            |s| s.parse::<SocketAddr>().ok(),
+        )?
+        .unwrap_or(DEFAULT_HTTP_LISTEN);
     r.finish()?;
     Ok(RoverRsSettings {
         off_cpu_sample_probability,
@@ -700,6 +718,7 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
         upload_buffer,
         shutdown_deadline,
         max_triggered_runs,
+        http_listen,
     })
 }
 

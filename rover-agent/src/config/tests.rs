@@ -129,6 +129,7 @@ fn default_rover_rs() -> RoverRsSettings {
         upload_buffer: 16 * 1024 * 1024,
         shutdown_deadline: S(5),
         max_triggered_runs: 10,
+        http_listen: "127.0.0.1:9470".parse().expect("an address"),
     }
 }
 
@@ -267,6 +268,7 @@ fn the_shipped_example_loads_without_warnings() {
             ("ROVER_RS_UPLOAD_BUFFER", "1GB"),
             ("ROVER_RS_SHUTDOWN_DEADLINE", "0"),
             ("ROVER_RS_MAX_TRIGGERED_RUNS", "3"),
+            ("ROVER_RS_HTTP_LISTEN", "[::1]:19470"),
         ],
     )
     .settings
@@ -280,6 +282,7 @@ fn the_shipped_example_loads_without_warnings() {
             upload_buffer: 1_000_000_000,
             shutdown_deadline: Duration::ZERO,
             max_triggered_runs: 3,
+            http_listen: "[::1]:19470".parse().expect("an address"),
         }
     );
 }
@@ -426,6 +429,13 @@ fn a_bad_duration_is_named_with_its_value_after_substitution() {
         "rover_rs:\n  shutdown_deadline: -1s\n",
         &["rover_rs.shutdown_deadline", "`-1s`"],
     );
+    // A host name is not an address to listen on, nor is an address without its port.
+    for bad in ["localhost:9470", "127.0.0.1", "127.0.0.1:99999"] {
+        assert_err(
+            &format!("rover_rs:\n  http_listen: {bad}\n"),
+            &["rover_rs.http_listen", &format!("`{bad}`")],
+        );
+    }
 }
 
 #[test]

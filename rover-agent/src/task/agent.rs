@@ -8,10 +8,13 @@ use anyhow::Context as _;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tracing::error;
 
-use super::collector::{self, ActiveTasks, CollectorNotice, Message, TaskState};
+use super::collector::{self, ActiveTasks, CollectorNotice, FrameTotals, Message, TaskState};
 use super::stacks::Values;
 use super::{AgentConfig, TaskNotice, TaskSpec, TaskSummary, WindowSink, watcher};
-use crate::bpf::{Engine, EngineStatus, ProcessChanges, RecordingId, RecordingSpec, Targets};
+use crate::bpf::{
+    Engine, EngineStatus, EngineTotals, ProcessChanges, RecordingId, RecordingSpec, Targets,
+};
+use crate::metrics::FrameCounts;
 use crate::symbolize::{ProcessTable, ProcessTableStats};
 
 /// The long-lived profiling agent. Tasks start and stop on it at any time; each profiler is
@@ -24,6 +27,7 @@ pub struct Agent {
     collector: mpsc::Sender<Message>,
     engine: Engine,
     threads: Vec<JoinHandle<()>>,
+    frames: Arc<FrameTotals>,
 }
 
 /// A running task. Stop it with [`Task::stop`]; dropped, it keeps running until the agent ends.
@@ -53,10 +57,12 @@ impl Agent {
         let symbolizer = config.symbolizer.clone();
         let table = processes.clone();
         let tasks = active.clone();
+        let frames = Arc::new(FrameTotals::default());
+        let counted = Arc::clone(&frames);
         threads.push(
             std::thread::Builder::new()
                 .name("rover-collector".to_owned())
-                .spawn(move || collector::run(collected, symbolizer, table, tasks))
+                .spawn(move || collector::run(collected, symbolizer, table, tasks, counted))
                 .context("starting the collector thread")?,
         );
         let table = processes.clone();
@@ -84,6 +90,7 @@ impl Agent {
             collector,
             engine,
             threads,
+            frames,
         })
     }
 
@@ -170,6 +177,21 @@ impl Agent {
     /// What the engine holds now.
     pub async fn status(&self) -> anyhow::Result<EngineStatus> {
         Ok(self.engine.status().await?)
+    }
+
+    /// What the engine counted since it started.
+    pub async fn totals(&self) -> anyhow::Result<EngineTotals> {
+        Ok(self.engine.totals().await?)
+    }
+
+    /// Frames symbolized since the agent started.
+    pub fn frames(&self) -> FrameCounts {
+        self.frames.get()
+    }
+
+    /// Whether the collector and process watcher threads still run (a panic ends them).
+    pub fn threads_alive(&self) -> bool {
+        self.threads.iter().all(|thread| !thread.is_finished())
     }
 
     /// What the process table holds now (snapshots of live and exited processes, open files).

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::run_counts::{RunCounts, RunSource};
 use super::upload_sink::UploadSink;
 use super::{Agent, TaskNotice, TaskSpec};
 use crate::backend::{
@@ -51,6 +52,7 @@ pub(super) struct BackendTasks {
     directory: ProcessDirectory,
     buffer: Arc<UploadBuffer>,
     flush_interval: Duration,
+    counts: Arc<RunCounts>,
     watermark: TaskWatermark,
     runs: HashMap<RunKey, RunHandle>,
     /// What was already logged, so a command re-sent every poll is logged once.
@@ -65,6 +67,7 @@ impl BackendTasks {
         directory: ProcessDirectory,
         buffer: Arc<UploadBuffer>,
         flush_interval: Duration,
+        counts: Arc<RunCounts>,
     ) -> Self {
         Self {
             agent,
@@ -73,6 +76,7 @@ impl BackendTasks {
             directory,
             buffer,
             flush_interval,
+            counts,
             watermark: TaskWatermark::default(),
             runs: HashMap::new(),
             logged: HashSet::new(),
@@ -179,6 +183,8 @@ impl BackendTasks {
             kind,
             process_ids,
             duration: command.duration,
+            source: RunSource::Backend,
+            counts: Arc::clone(&self.counts),
         };
         let join = tokio::spawn(run.drive(wait, controlled));
         self.runs.insert(
@@ -213,6 +219,8 @@ pub(super) struct Run {
     /// Local pid → the OAP's process id.
     pub process_ids: HashMap<u32, String>,
     pub duration: Duration,
+    pub source: RunSource,
+    pub counts: Arc<RunCounts>,
 }
 
 impl Run {
@@ -258,6 +266,7 @@ impl Run {
                 return;
             }
         };
+        let _active = self.counts.started(self.kind, self.source);
         info!(task_id, kind = self.kind.name(), pids = ?self.process_ids.keys(), duration = ?self.duration, "task started");
         let mut deadline = Instant::now() + self.duration.max(extra);
         loop {

@@ -3,6 +3,7 @@
 //! must stay on one thread) and retires exited processes from it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,6 +14,7 @@ use super::stacks::{Values, fold};
 use super::{ProfileWindow, TaskNotice, TaskSummary, WindowSink};
 use crate::bpf::{Counters, Delivery, RecordingId};
 use crate::heap::release_freed_memory;
+use crate::metrics::FrameCounts;
 use crate::profile::Profile;
 use crate::symbolize::{ProcessTable, Symbolizer, SymbolizerConfig};
 
@@ -93,11 +95,29 @@ impl TaskState {
 /// processes, and the collector, finding none running, forgets every process.
 pub(super) type ActiveTasks = Arc<Mutex<usize>>;
 
+/// Frames symbolized over the agent's life: the symbolizer's own counts go with it when no
+/// task runs.
+#[derive(Debug, Default)]
+pub(super) struct FrameTotals {
+    symbolized: AtomicU64,
+    unresolved: AtomicU64,
+}
+
+impl FrameTotals {
+    pub fn get(&self) -> FrameCounts {
+        FrameCounts {
+            symbolized: self.symbolized.load(Ordering::Relaxed),
+            unresolved: self.unresolved.load(Ordering::Relaxed),
+        }
+    }
+}
+
 pub(super) fn run(
     messages: mpsc::Receiver<Message>,
     config: SymbolizerConfig,
     processes: ProcessTable,
     active: ActiveTasks,
+    frames: Arc<FrameTotals>,
 ) {
     // Made for the first stack, dropped (with its caches) when no task runs.
     let mut symbolizer: Option<Symbolizer> = None;
@@ -125,7 +145,9 @@ pub(super) fn run(
                 for delivery in early.remove(&recording).unwrap_or_default() {
                     let symbolizer = symbolizer
                         .get_or_insert_with(|| Symbolizer::new(config.clone(), processes.clone()));
-                    handle(symbolizer, &processes, &mut tasks, &active, delivery);
+                    handle(
+                        symbolizer, &processes, &mut tasks, &active, &frames, delivery,
+                    );
                 }
             }
             Some(Message::Delivery(delivery)) => {
@@ -133,7 +155,9 @@ pub(super) fn run(
                 if tasks.contains_key(&recording) {
                     let symbolizer = symbolizer
                         .get_or_insert_with(|| Symbolizer::new(config.clone(), processes.clone()));
-                    handle(symbolizer, &processes, &mut tasks, &active, delivery);
+                    handle(
+                        symbolizer, &processes, &mut tasks, &active, &frames, delivery,
+                    );
                 } else {
                     // Delivered before the task registered (it registers once the engine has
                     // given its id).
@@ -194,6 +218,7 @@ fn handle(
     processes: &ProcessTable,
     tasks: &mut HashMap<RecordingId, Box<TaskState>>,
     active: &ActiveTasks,
+    frames: &FrameTotals,
     delivery: Delivery,
 ) {
     let recording = recording_of(&delivery);
@@ -202,12 +227,21 @@ fn handle(
     };
     match delivery {
         Delivery::Stacks { stacks, .. } => {
+            let before = symbolizer.stats();
             for stack in &stacks {
                 if fold(symbolizer, processes, &mut task.profile, task.values, stack) {
                     task.stacks_cut += 1;
                     task.window_stacks_cut += 1;
                 }
             }
+            let after = symbolizer.stats();
+            frames
+                .symbolized
+                .fetch_add(after.frames - before.frames, Ordering::Relaxed);
+            frames.unresolved.fetch_add(
+                after.unknown_frames - before.unknown_frames,
+                Ordering::Relaxed,
+            );
         }
         Delivery::WindowEnd {
             counters,

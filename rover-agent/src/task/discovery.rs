@@ -3,6 +3,8 @@
 //! which reports and keeps alive every heartbeat.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -54,6 +56,8 @@ pub struct ProcessSources {
     marked_since_scan: Option<HashSet<u32>>,
     /// Whether the pods' processes were scanned once (see [`FIRST_LISTING_WAIT`]).
     kubernetes_scanned: bool,
+    /// Whether a scan of every source ran.
+    scanned: bool,
     kubernetes_started: std::time::Instant,
 }
 
@@ -112,12 +116,23 @@ impl ProcessSources {
             changes,
             marked_since_scan: Some(HashSet::new()),
             kubernetes_scanned: false,
+            scanned: false,
             kubernetes_started: std::time::Instant::now(),
         })
     }
 
     fn is_empty(&self) -> bool {
         self.host_rules.is_none() && self.kubernetes.is_none()
+    }
+
+    /// Whether discovery has found what there is: a scan ran, after the first listing of pods
+    /// and Services when watching them (a ClusterRole without `services` keeps it false).
+    fn synced(&self) -> bool {
+        self.scanned
+            && self
+                .kubernetes
+                .as_ref()
+                .is_none_or(|(_, watch)| watch.is_ready())
     }
 
     /// Bumped when the watched pods or Services change.
@@ -153,6 +168,7 @@ impl ProcessSources {
             }
             self.kubernetes_scanned = true;
         }
+        self.scanned = true;
         all
     }
 
@@ -283,16 +299,22 @@ async fn run_pass(
 }
 
 /// Scans processes every `scan_period` (and the pods' processes soon after the pods change) and
-/// heartbeats every `heartbeat`; a failed heartbeat is retried sooner, with backoff.
+/// heartbeats every `heartbeat`; a failed heartbeat is retried sooner, with backoff. Sets
+/// `synced` once discovery has found what there is (see `ProcessSources::synced`).
 pub async fn discover_and_report(
     mut reporter: ProcessReporter,
     sources: ProcessSources,
     scan_period: Duration,
     heartbeat: Duration,
+    synced: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut pod_changes = sources.pod_changes();
     let mut sources = (!sources.is_empty()).then_some(sources);
+    if sources.is_none() {
+        // Nothing to find.
+        synced.store(true, Ordering::Relaxed);
+    }
     let mut next_scan = tokio::time::Instant::now();
     let mut pods_changed: Option<tokio::time::Instant> = None;
     let mut next_heartbeat = tokio::time::Instant::now();
@@ -317,6 +339,9 @@ pub async fn discover_and_report(
             let added;
             (sources, added) = run_pass(owned, pass, &mut reporter).await;
             added_since_heartbeat += added;
+            if sources.as_ref().is_some_and(ProcessSources::synced) {
+                synced.store(true, Ordering::Relaxed);
+            }
             // A scan covers the pods' changes too.
             pods_changed = None;
             if matches!(pass, Pass::Scan) {

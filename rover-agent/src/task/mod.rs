@@ -12,13 +12,16 @@ mod backend_tasks;
 mod collector;
 pub mod continuous;
 mod discovery;
+mod http;
 mod node;
+mod run_counts;
 mod stacks;
 mod upload_sink;
 mod watcher;
 
 pub use agent::{Agent, Task};
 pub use discovery::{KubernetesSource, NodeSources};
+pub use http::bind_endpoint;
 pub use node::run_node;
 
 use std::time::Duration;

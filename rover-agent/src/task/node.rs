@@ -2,6 +2,7 @@
 //! shared agent, their windows uploaded, until shutdown.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,19 +13,23 @@ use super::Agent;
 use super::backend_tasks::BackendTasks;
 use super::continuous::{ContinuousConfig, Scheduler};
 use super::discovery::{DEFAULT_SCAN_PERIOD, NodeSources, ProcessSources, discover_and_report};
+use super::http::{EndpointState, serve};
+use super::run_counts::RunCounts;
 use crate::backend::{Backend, Backoff, ProcessDirectory, ProcessReporter, UploadBuffer, Uploader};
 use crate::config::Settings;
 
 /// Retries after a failed call start here and double up to the period of what failed.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
-/// Runs the node agent until `shutdown` resolves; then stops the tasks, flushes what they
-/// recorded (within the configured deadline) and returns.
+/// Runs the node agent until `shutdown` resolves, its HTTP endpoint on `http` (bound to
+/// `rover_rs.http_listen`, see [`bind_endpoint`](super::bind_endpoint)); then stops the tasks,
+/// flushes what they recorded (within the configured deadline) and returns.
 pub async fn run_node(
     agent: Agent,
     agent_id: String,
     settings: &Settings,
     sources: NodeSources,
+    http: std::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let agent = Arc::new(agent);
@@ -44,6 +49,8 @@ pub async fn run_node(
         settings.discovery.properties_report_period,
         directory.clone(),
     );
+    let runs = Arc::new(RunCounts::default());
+    let discovery_synced = Arc::new(AtomicBool::new(false));
     let sources = ProcessSources::start(sources, &agent).await?;
     let discovery = tokio::spawn(discover_and_report(
         reporter,
@@ -54,6 +61,7 @@ pub async fn run_node(
             .as_ref()
             .map_or(DEFAULT_SCAN_PERIOD, |scanner| scanner.period),
         settings.discovery.heartbeat_period,
+        Arc::clone(&discovery_synced),
         stop.clone(),
     ));
     let uploader = tokio::spawn(upload(
@@ -71,6 +79,7 @@ pub async fn run_node(
                 directory.clone(),
                 Arc::clone(&buffer),
                 settings.profiling.flush_interval,
+                Arc::clone(&runs),
             ),
             settings.profiling.check_interval,
             stop.clone(),
@@ -84,10 +93,38 @@ pub async fn run_node(
                 directory.clone(),
                 Arc::clone(&buffer),
                 ContinuousConfig::new(settings),
+                Arc::clone(&runs),
             )
             .run(stop.clone()),
         )
     });
+    let mut loops = vec![
+        ("discovery", discovery.abort_handle()),
+        ("upload", uploader.abort_handle()),
+    ];
+    loops.extend(
+        tasks
+            .as_ref()
+            .map(|tasks| ("task poll", tasks.abort_handle())),
+    );
+    loops.extend(
+        continuous
+            .as_ref()
+            .map(|continuous| ("continuous profiling", continuous.abort_handle())),
+    );
+    let endpoint = tokio::spawn(serve(
+        http,
+        Arc::new(EndpointState {
+            agent: Arc::clone(&agent),
+            backend: backend.clone(),
+            buffer: Arc::clone(&buffer),
+            directory: directory.clone(),
+            runs,
+            discovery_synced,
+            loops,
+        }),
+        stop.clone(),
+    ));
 
     shutdown.await;
     info!("shutting down: stopping tasks, flushing what they recorded");
@@ -115,6 +152,8 @@ pub async fn run_node(
         "uploads at shutdown"
     );
     discovery.abort();
+    // The endpoint holds the agent: it ends first, so that the agent's threads end here.
+    let _ = endpoint.await;
     drop(Arc::try_unwrap(agent).ok());
     Ok(())
 }

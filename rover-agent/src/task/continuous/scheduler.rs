@@ -25,6 +25,7 @@ use crate::config::Settings;
 use crate::process::ProcessEntity;
 use crate::task::Agent;
 use crate::task::backend_tasks::{Run, RunControl};
+use crate::task::run_counts::{RunCounts, RunSource};
 
 /// What the scheduler is configured with.
 #[derive(Clone, Debug)]
@@ -74,6 +75,7 @@ pub(crate) struct Scheduler {
     directory: ProcessDirectory,
     buffer: Arc<UploadBuffer>,
     config: ContinuousConfig,
+    counts: Arc<RunCounts>,
     policies: Policies,
     checker: Checker<HostReadings>,
     /// The pids the checker watches.
@@ -93,6 +95,7 @@ impl Scheduler {
         directory: ProcessDirectory,
         buffer: Arc<UploadBuffer>,
         config: ContinuousConfig,
+        counts: Arc<RunCounts>,
     ) -> Self {
         let triggers = Triggers::new(config.silence_duration, config.max_triggered_runs);
         Self {
@@ -102,6 +105,7 @@ impl Scheduler {
             buffer,
             checker: Checker::new(HostReadings::new(), std::time::Instant::now()),
             config,
+            counts,
             policies: Policies::default(),
             checked: HashMap::new(),
             triggers,
@@ -309,6 +313,8 @@ impl Scheduler {
                 kind,
                 process_ids: HashMap::from([(pid, process_id)]),
                 duration: self.config.execute_duration,
+                source: RunSource::Continuous,
+                counts: Arc::clone(&self.counts),
             };
             let join = tokio::spawn(run.drive(Duration::ZERO, controlled));
             self.waiting_at_cap.remove(&key);
