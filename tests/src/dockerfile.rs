@@ -32,7 +32,7 @@ pub struct Stage {
 
 /// A `COPY`: sources, destination, and the stage it copies from (`--from=`), if any.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Copy {
+pub struct CopyInstruction {
     pub from: Option<String>,
     pub sources: Vec<String>,
     pub destination: String,
@@ -115,7 +115,7 @@ impl Stage {
             .collect()
     }
 
-    pub fn copies(&self) -> Result<Vec<Copy>, DockerfileError> {
+    pub fn copies(&self) -> Result<Vec<CopyInstruction>, DockerfileError> {
         self.all("COPY").map(copy).collect()
     }
 
@@ -196,7 +196,7 @@ fn from(instruction: &Instruction) -> Result<Stage, DockerfileError> {
     })
 }
 
-fn copy(instruction: &Instruction) -> Result<Copy, DockerfileError> {
+fn copy(instruction: &Instruction) -> Result<CopyInstruction, DockerfileError> {
     let mut from = None;
     let mut rest = instruction.arguments.as_str();
     while let Some(flag) = rest.strip_prefix("--") {
@@ -220,7 +220,7 @@ fn copy(instruction: &Instruction) -> Result<Copy, DockerfileError> {
             message: format!("COPY {}: expected sources and a destination", rest),
         });
     };
-    Ok(Copy {
+    Ok(CopyInstruction {
         from,
         sources: paths,
         destination,

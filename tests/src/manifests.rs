@@ -24,17 +24,12 @@ pub fn manifest_files() -> Vec<PathBuf> {
 
 /// One object of a manifest file.
 pub struct Object {
-    pub file: PathBuf,
     pub value: Value,
 }
 
 impl Object {
     pub fn kind(&self) -> &str {
         self.value["kind"].as_str().unwrap_or("")
-    }
-
-    pub fn name(&self) -> &str {
-        self.value["metadata"]["name"].as_str().unwrap_or("")
     }
 }
 
@@ -45,13 +40,10 @@ pub fn objects() -> Vec<Object> {
         let text = std::fs::read_to_string(&file)
             .unwrap_or_else(|error| panic!("reading {}: {error}", file.display()));
         for document in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde::Deserialize::deserialize(document)
+            let value: Value = serde::Deserialize::deserialize(document)
                 .unwrap_or_else(|error| panic!("{}: not YAML: {error}", file.display()));
             if value != Value::Null {
-                objects.push(Object {
-                    file: file.clone(),
-                    value,
-                });
+                objects.push(Object { value });
             }
         }
     }

@@ -23,8 +23,8 @@ use rover_agent::config::Settings;
 use serde_yaml::Value;
 
 /// The capabilities the DaemonSet may add: those the agent uses (see the comments in
-/// deploy/kubernetes/03-daemonset.yaml). `profile_another_users_process_with_the_manifests_
-/// capabilities` proves they suffice and that each is needed.
+/// deploy/kubernetes/03-daemonset.yaml). The capability test below proves they suffice and
+/// that each is needed.
 const EXPECTED_CAPABILITIES: [&str; 4] = ["BPF", "PERFMON", "SYS_PTRACE", "SYSLOG"];
 
 fn repository() -> PathBuf {
@@ -74,7 +74,10 @@ fn kubernetes_validate() -> Option<PathBuf> {
         "{} is not installed: `cargo xtask test` installs it from PyPI",
         program.display()
     );
-    assert!(!under_ci(), "the manifests cannot be validated in CI: {problem}");
+    assert!(
+        !under_ci(),
+        "the manifests cannot be validated in CI: {problem}"
+    );
     eprintln!("\n*** SKIPPING the Kubernetes schema validation: {problem} ***\n");
     None
 }
@@ -121,7 +124,9 @@ fn nothing_is_privileged_and_exactly_the_listed_capabilities_are_added() {
     for capabilities in keys(&objects, "capabilities") {
         let added = strings(&capabilities["add"]);
         assert!(
-            !added.iter().any(|c| c.trim_start_matches("CAP_") == "SYS_ADMIN"),
+            !added
+                .iter()
+                .any(|c| c.trim_start_matches("CAP_") == "SYS_ADMIN"),
             "SYS_ADMIN added: {added:?}"
         );
     }
@@ -153,9 +158,9 @@ fn probes_and_metrics_use_the_named_http_port() {
     let container = agent_container(&daemon_set);
     let ports = container["ports"].as_sequence().expect("ports");
     assert!(
-        ports
-            .iter()
-            .any(|p| p["name"].as_str() == Some("http") && p["containerPort"].as_u64() == Some(9470)),
+        ports.iter().any(
+            |p| p["name"].as_str() == Some("http") && p["containerPort"].as_u64() == Some(9470)
+        ),
         "no port `http` 9470: {ports:?}"
     );
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
@@ -232,14 +237,16 @@ fn the_config_map_holds_configs_rover_yaml_and_loads_with_the_daemon_sets_enviro
         "10.244.1.7:9470".parse().expect("a socket address")
     );
 
-    // The args are the image's CMD: one place says where the configuration is.
+    // The ConfigMap is mounted where the image's CMD reads its configuration.
     let mount = container["volumeMounts"][0]["mountPath"]
         .as_str()
         .expect("a volume mount");
-    assert_eq!(
-        strings(&container["args"]),
-        ["run", "--config", &format!("{mount}/rover.yaml")]
-    );
+    let args = strings(&container["args"]);
+    assert_eq!(args, ["run", "--config", &format!("{mount}/rover.yaml")]);
+    let cmd = dockerfile()
+        .image()
+        .and_then(|image| image.exec_form("CMD").ok().flatten());
+    assert_eq!(Some(args), cmd, "the DaemonSet's args and the image's CMD");
 }
 
 // --- Capabilities, for real ---
@@ -342,8 +349,15 @@ struct Outcome {
 
 impl Outcome {
     fn context(&self) -> String {
-        let folded = self.folded.as_ref().map(Folded::to_string).unwrap_or_default();
-        format!("{folded}\nexit {:?}, stderr:\n{}", self.run.code, self.run.stderr)
+        let folded = self
+            .folded
+            .as_ref()
+            .map(Folded::to_string)
+            .unwrap_or_default();
+        format!(
+            "{folded}\nexit {:?}, stderr:\n{}",
+            self.run.code, self.run.stderr
+        )
     }
 }
 
@@ -404,12 +418,10 @@ fn symbolized(kind: Kind, outcome: &Outcome) -> Result<(), String> {
                 return Err(format!("only {total} µs off-CPU for sleeper"));
             }
             if named < 0.9 * total {
-                return Err(format!(
-                    "sleep_in_named_function has {named} of {total} µs"
-                ));
+                return Err(format!("sleep_in_named_function has {named} of {total} µs"));
             }
-            let in_kernel = folded
-                .with_frame(|frame| frame.ends_with("_[k]") && frame.contains("nanosleep"));
+            let in_kernel =
+                folded.with_frame(|frame| frame.ends_with("_[k]") && frame.contains("nanosleep"));
             if (in_kernel as f64) < 0.9 * total {
                 return Err(format!(
                     "kernel frames named *nanosleep* hold {in_kernel} of {total} µs"
@@ -510,7 +522,13 @@ fn dockerfile() -> Dockerfile {
 /// `cargo metadata` of the workspace: package name → its binaries.
 fn workspace_packages() -> Vec<(String, Vec<String>)> {
     let output = Command::new(env!("CARGO"))
-        .args(["metadata", "--no-deps", "--format-version", "1", "--manifest-path"])
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--manifest-path",
+        ])
         .arg(repository().join("Cargo.toml"))
         .output()
         .expect("running cargo metadata");
@@ -616,7 +634,9 @@ fn the_dockerfile_runs_builds_and_copies_only_what_the_project_has() {
         }
     }
     assert!(
-        !build.all("ENV").any(|env| env.arguments.contains("CARGO_TARGET_DIR")),
+        !build
+            .all("ENV")
+            .any(|env| env.arguments.contains("CARGO_TARGET_DIR")),
         "the build stage moves the target directory"
     );
 

@@ -15,7 +15,7 @@ use crate::{output, run, target_dir};
 const VERSION: &str = "1.37.0";
 
 /// Where the tests look for it: `<target>/tools/kubernetes-validate`.
-pub(crate) fn venv_dir() -> PathBuf {
+fn venv_dir() -> PathBuf {
     target_dir().join("tools").join("kubernetes-validate")
 }
 
@@ -38,7 +38,13 @@ pub(crate) fn ensure() -> anyhow::Result<()> {
         )
     })?;
     run(Command::new(venv.join("bin").join("python"))
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .arg(format!("kubernetes-validate=={VERSION}")))
     .context("installing kubernetes-validate from PyPI")?;
     match installed_version(&program) {

@@ -794,7 +794,13 @@ fn max_triggered_runs_is_at_least_one() {
 
 #[test]
 fn bad_listen_and_host_addresses_are_named() {
-    for bad in ["9470", "localhost:9470", "10.0.0.1", "[::1]", "10.0.0.1:99999"] {
+    for bad in [
+        "9470",
+        "localhost:9470",
+        "10.0.0.1",
+        "[::1]",
+        "10.0.0.1:99999",
+    ] {
         assert_err(
             &format!("rover_rs:\n  http_listen: \"{bad}\"\n"),
             &["`rover_rs.http_listen`", &format!("`{bad}`"), "a port"],

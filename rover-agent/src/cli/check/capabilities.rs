@@ -91,21 +91,28 @@ mod tests {
 
     #[test]
     fn the_daemon_sets_four_capabilities_pass() {
-        let mask = 1 << CAP_BPF | 1 << CAP_PERFMON | 1 << CAP_SYS_PTRACE | 1 << CAP_SYSLOG;
-        assert!(verdicts(mask).iter().all(|(_, ok)| *ok), "{:?}", verdicts(mask));
+        let mask = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_PTRACE) | (1 << CAP_SYSLOG);
+        assert!(
+            verdicts(mask).iter().all(|(_, ok)| *ok),
+            "{:?}",
+            verdicts(mask)
+        );
         assert!(verdicts(u64::MAX >> 23).iter().all(|(_, ok)| *ok));
     }
 
     #[test]
     fn each_missing_capability_is_named_with_its_reason_and_fix() {
-        let checks = check_capabilities(1 << CAP_BPF | 1 << CAP_PERFMON);
+        let checks = check_capabilities((1 << CAP_BPF) | (1 << CAP_PERFMON));
         let ptrace = checks
             .iter()
             .find(|check| check.name == "CAP_SYS_PTRACE")
             .expect("a SYS_PTRACE check");
         let message = ptrace.result.clone().expect_err("missing");
         assert!(message.contains("other users' processes"), "{message}");
-        assert!(message.contains("capabilities.add: [SYS_PTRACE]"), "{message}");
+        assert!(
+            message.contains("capabilities.add: [SYS_PTRACE]"),
+            "{message}"
+        );
         assert_eq!(
             verdicts(0),
             [

@@ -13,8 +13,13 @@ pub(super) fn check_host_pid(proc_root: &Path, own_pid: u32) -> Result<String, S
     let link = proc_root.join("self/ns/pid");
     let target = std::fs::read_link(&link)
         .map_err(|error| format!("cannot read {}: {error}", link.display()))?;
-    let namespace = parse_namespace_inode(&target.to_string_lossy())
-        .ok_or_else(|| format!("{} is `{}`, not pid:[INODE]", link.display(), target.display()))?;
+    let namespace = parse_namespace_inode(&target.to_string_lossy()).ok_or_else(|| {
+        format!(
+            "{} is `{}`, not pid:[INODE]",
+            link.display(),
+            target.display()
+        )
+    })?;
     let proc_self = std::fs::read_link(proc_root.join("self"))
         .ok()
         .and_then(|pid| pid.to_string_lossy().parse::<u32>().ok());
