@@ -294,7 +294,12 @@ mod tests {
         assert_eq!(error.to_string(), "line 1: RUN before the first FROM");
         let error = Dockerfile::parse("FROM a b\n").expect_err("bad FROM");
         assert!(error.to_string().starts_with("line 1: FROM a b"), "{error}");
-        let error = Dockerfile::parse("FROM a\nCOPY x\n").expect_err("bad COPY");
+        let file = Dockerfile::parse("FROM a\nCOPY x\n").expect("parses");
+        let error = file
+            .image()
+            .expect("a stage")
+            .copies()
+            .expect_err("COPY without a destination");
         assert!(error.to_string().contains("line 2"), "{error}");
     }
 }

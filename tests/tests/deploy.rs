@@ -400,8 +400,9 @@ fn symbolized(kind: Kind, outcome: &Outcome) -> Result<(), String> {
             let total = folded.process_total("cpu_split") as f64;
             let hot_a = folded.with_frame(|frame| frame == "hot_a") as f64;
             let hot = folded.with_frame(|frame| frame == "hot_a" || frame == "hot_b") as f64;
-            // At 99 Hz for 2 s: about 200 samples, hot_a about three quarters of them.
-            if total < 100.0 {
+            // At 99 Hz for 2 s: up to 200 samples (fewer on a busy machine: the sample count is
+            // oncpu.rs's business), hot_a about three quarters of them.
+            if total < 20.0 {
                 return Err(format!("only {total} samples of cpu_split"));
             }
             if hot < 0.8 * total || hot_a < 0.5 * total {
