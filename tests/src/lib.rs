@@ -15,8 +15,10 @@ use rover_agent::task::{AgentConfig, ProfileWindow, WindowSink};
 
 pub mod cgroups;
 pub mod cpu_time;
+pub mod dockerfile;
 pub mod fake_kube;
 pub mod fake_oap;
+pub mod manifests;
 pub mod node_agent;
 pub mod pprof;
 
@@ -153,30 +155,33 @@ impl Drop for Workload {
 /// The rover-agent binary, built (once per test binary) with the profile of these tests.
 pub fn agent_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let mut build = escargot::CargoBuild::new()
-            .package("rover-agent")
-            .bin("rover-agent")
-            .manifest_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
-        if !cfg!(debug_assertions) {
-            build = build.release();
+    BINARY.get_or_init(|| workspace_binary("rover-agent", "rover-agent"))
+}
+
+/// Builds binary `bin` of workspace package `package` with the profile of these tests.
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    let mut build = escargot::CargoBuild::new()
+        .package(package)
+        .bin(bin)
+        .manifest_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+    if !cfg!(debug_assertions) {
+        build = build.release();
+    }
+    // `cargo test` sets these for the test binary (they describe the tests crate). Passed on
+    // to this build, they differ from what `cargo test` itself ran with, and build scripts
+    // that watch them (ring's watches OUT_DIR and CARGO_PKG_NAME) rerun: every later
+    // `cargo test` and this build would then rebuild ring and all above it, for minutes.
+    // `cargo xtask test` strips the same ones from its `cargo test`.
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(describes_running_package) {
+            build = build.env_remove(key);
         }
-        // `cargo test` sets these for the test binary (they describe the tests crate). Passed on
-        // to this build, they differ from what `cargo test` itself ran with, and build scripts
-        // that watch them (ring's watches OUT_DIR and CARGO_PKG_NAME) rerun: every later
-        // `cargo test` and this build would then rebuild ring and all above it, for minutes.
-        // `cargo xtask test` strips the same ones from its `cargo test`.
-        for (key, _) in std::env::vars_os() {
-            if key.to_str().is_some_and(describes_running_package) {
-                build = build.env_remove(key);
-            }
-        }
-        build
-            .run()
-            .unwrap_or_else(|error| panic!("building rover-agent: {error}"))
-            .path()
-            .to_path_buf()
-    })
+    }
+    build
+        .run()
+        .unwrap_or_else(|error| panic!("building {package}: {error}"))
+        .path()
+        .to_path_buf()
 }
 
 /// A variable cargo sets for the package it runs (`cargo run`, `cargo test`).

@@ -139,8 +139,18 @@ fn check_reports_each_requirement_and_fails_without_privilege() {
         return;
     };
     assert_eq!(run.code, Some(1), "{}{}", run.stdout, run.stderr);
-    assert!(run.stdout.contains("[FAIL] privileges"), "{}", run.stdout);
-    assert!(run.stdout.contains("CAP_BPF"), "{}", run.stdout);
+    for capability in ["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_SYSLOG"] {
+        assert!(
+            run.stdout.contains(&format!("[FAIL] {capability}")),
+            "{}",
+            run.stdout
+        );
+    }
+    assert!(
+        run.stdout.contains("capabilities.add: [SYS_PTRACE]"),
+        "{}",
+        run.stdout
+    );
     assert!(
         run.stdout
             .contains("verdict: this host cannot run rover-agent"),
@@ -150,7 +160,8 @@ fn check_reports_each_requirement_and_fails_without_privilege() {
     for item in [
         "kernel version",
         "BTF",
-        "privileges",
+        "host PID ns",
+        "kernel symbols",
         "on-CPU sampler",
         "off-CPU tracer",
         "process events",

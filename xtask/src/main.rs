@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod kubernetes_validate;
 mod setup;
 mod soak;
 mod workloads;
@@ -23,7 +24,9 @@ struct Cli {
 enum Task {
     /// Install what building the eBPF programs needs (nightly rust-src, bpf-linker); idempotent.
     Setup,
-    /// Run every check and test: formatting, clippy, unit, BPF integration and protocol tests.
+    /// Run every check and test: formatting, clippy, unit, BPF integration and protocol tests,
+    /// and the deployment manifests against the Kubernetes schemas (installs
+    /// `kubernetes-validate` from PyPI into the target directory on the first run).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
 
 fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
+    kubernetes_validate::ensure()?;
     let root = workspace_root();
     run(cargo(&root).args(["fmt", "--all", "--", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;

@@ -5,8 +5,8 @@ use std::io;
 pub enum Error {
     #[error(
         "missing privilege: {missing}. Loading eBPF profilers needs CAP_BPF and CAP_PERFMON \
-         (or CAP_SYS_ADMIN): run as root (symbolizing other processes also needs CAP_SYS_ADMIN, \
-         CAP_SYS_PTRACE and CAP_SYSLOG)"
+         (or CAP_SYS_ADMIN): run as root (symbolizing other users' processes also needs \
+         CAP_SYS_PTRACE, and kernel frames CAP_SYSLOG)"
     )]
     MissingPrivilege { missing: String },
     #[error(

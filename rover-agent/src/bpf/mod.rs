@@ -30,7 +30,7 @@ pub use error::Error;
 pub use events::{ChangedProcesses, ProcessChanges, ProcessEvent};
 pub use host::{HostCheck, check_host};
 pub use memory::{DEFAULT_MAP_MEMORY_BYTES, MIN_MAP_MEMORY_BYTES, MapCapacity};
-pub use privilege::{Privilege, check_privilege, require_privilege};
+pub use privilege::{Privilege, check_privilege, effective_capabilities, require_privilege};
 pub use process_cpu::{ProcessCpu, ProcessCpuList};
 pub use profiler::ProfilerSettings;
 pub use program_runs::{ProgramRuns, bpf_stats_enabled};

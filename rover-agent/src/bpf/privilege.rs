@@ -43,13 +43,18 @@ impl Privilege {
 
 /// Reads this process's effective capabilities.
 pub fn check_privilege() -> io::Result<Privilege> {
+    effective_capabilities().map(Privilege::from_effective_mask)
+}
+
+/// This process's effective capability mask (`CapEff:` of `/proc/self/status`; bit N is
+/// capability N).
+pub fn effective_capabilities() -> io::Result<u64> {
     let status = fs::read_to_string("/proc/self/status")?;
-    let mask = status
+    status
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))?;
-    Ok(Privilege::from_effective_mask(mask))
+        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))
 }
 
 /// Fails with [`Error::MissingPrivilege`] when loading programs is bound to fail; when the

@@ -90,8 +90,12 @@ fn node_sources(settings: &Settings, agent_id: &str) -> anyhow::Result<NodeSourc
             kubernetes: None,
         });
     }
-    let facts = HostFacts::detect(settings.cluster_name.clone(), None, agent_id.to_owned())
-        .context("finding this node's IP address")?;
+    let facts = HostFacts::detect(
+        settings.cluster_name.clone(),
+        settings.rover_rs.host_ip,
+        agent_id.to_owned(),
+    )
+    .context("finding this node's IP address (rover_rs.host_ip sets it)")?;
     let host_rules = match &discovery.scanner {
         Some(scanner) => Some(HostRuleScanner::new(scanner, facts.clone())?),
         None => None,

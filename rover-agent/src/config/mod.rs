@@ -19,7 +19,7 @@ mod env;
 mod read;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -282,18 +282,19 @@ pub struct RoverRsSettings {
     /// targets (default 10, at least 1); a trigger beyond it waits for the next check. Rover has
     /// no such bound, so a policy matching many hot processes profiles them all at once.
     pub max_triggered_runs: u32,
-    /// `http_listen`: where the agent serves `/healthz`, `/readyz` and `/metrics` (default
-    /// `127.0.0.1:9470`: this host only).
+    /// `http_listen`: address of the agent's HTTP endpoint (`/healthz`, `/readyz`, `/metrics`),
+    /// default `127.0.0.1:9470`; the DaemonSet sets the pod's IP so kubelet probes reach it.
     pub http_listen: SocketAddr,
+    /// `host_ip`: the node's IP, reported as each process's `host_ip`; empty means found from
+    /// the interfaces. Needed in a pod without the host's network (the DaemonSet sets the
+    /// downward API's `status.hostIP`): the pod's own interfaces hold the pod's IP.
+    pub host_ip: Option<IpAddr>,
 }
 
-/// `rover_rs.http_listen` when the file does not set it.
-pub const DEFAULT_HTTP_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
-    std::net::Ipv4Addr::LOCALHOST,
-    9470,
-));
-
 const MIB: u64 = 1024 * 1024;
+
+/// `rover_rs.http_listen`'s default: loopback only, so nothing is exposed unless asked for.
+pub const DEFAULT_HTTP_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9470);
 
 impl Settings {
     /// Reads and validates the file at `path`, substituting from the process environment.
@@ -706,10 +707,16 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
         .scalar(
             cx,
             "http_listen",
-            "an IP address and port, such as 127.0.0.1:9470 or [::1]:9470",
+            "an IP address and a port, such as 127.0.0.1:9470 or [::1]:9470",
             |s| s.parse::<SocketAddr>().ok(),
         )?
         .unwrap_or(DEFAULT_HTTP_LISTEN);
+    let host_ip = r.scalar(
+        cx,
+        "host_ip",
+        "an IPv4 or IPv6 address (empty: found from the interfaces)",
+        |s| s.parse::<IpAddr>().ok(),
+    )?;
     r.finish()?;
     Ok(RoverRsSettings {
         off_cpu_sample_probability,
@@ -719,6 +726,7 @@ fn rover_rs(cx: &mut Cx, mut r: Map) -> Result<RoverRsSettings, ConfigError> {
         shutdown_deadline,
         max_triggered_runs,
         http_listen,
+        host_ip,
     })
 }
 

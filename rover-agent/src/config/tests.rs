@@ -129,7 +129,8 @@ fn default_rover_rs() -> RoverRsSettings {
         upload_buffer: 16 * 1024 * 1024,
         shutdown_deadline: S(5),
         max_triggered_runs: 10,
-        http_listen: "127.0.0.1:9470".parse().expect("an address"),
+        http_listen: DEFAULT_HTTP_LISTEN,
+        host_ip: None,
     }
 }
 
@@ -268,7 +269,8 @@ fn the_shipped_example_loads_without_warnings() {
             ("ROVER_RS_UPLOAD_BUFFER", "1GB"),
             ("ROVER_RS_SHUTDOWN_DEADLINE", "0"),
             ("ROVER_RS_MAX_TRIGGERED_RUNS", "3"),
-            ("ROVER_RS_HTTP_LISTEN", "[::1]:19470"),
+            ("ROVER_RS_HTTP_LISTEN", "10.1.2.3:9000"),
+            ("ROVER_RS_HOST_IP", "192.168.7.8"),
         ],
     )
     .settings
@@ -282,7 +284,8 @@ fn the_shipped_example_loads_without_warnings() {
             upload_buffer: 1_000_000_000,
             shutdown_deadline: Duration::ZERO,
             max_triggered_runs: 3,
-            http_listen: "[::1]:19470".parse().expect("an address"),
+            http_listen: "10.1.2.3:9000".parse().expect("a socket address"),
+            host_ip: Some("192.168.7.8".parse().expect("an IP address")),
         }
     );
 }
@@ -792,6 +795,35 @@ fn max_triggered_runs_is_at_least_one() {
                 &format!("`{bad}`"),
                 "at least 1",
             ],
+        );
+    }
+}
+
+#[test]
+fn bad_listen_and_host_addresses_are_named() {
+    for bad in [
+        "9470",
+        "localhost:9470",
+        "10.0.0.1",
+        "[::1]",
+        "10.0.0.1:99999",
+    ] {
+        assert_err(
+            &format!("rover_rs:\n  http_listen: \"{bad}\"\n"),
+            &["`rover_rs.http_listen`", &format!("`{bad}`"), "a port"],
+        );
+    }
+    assert_eq!(
+        load("rover_rs:\n  http_listen: \"[::]:9470\"\n")
+            .settings
+            .rover_rs
+            .http_listen,
+        "[::]:9470".parse().expect("a socket address")
+    );
+    for bad in ["node-1", "10.0.0.256", "10.0.0.1:80"] {
+        assert_err(
+            &format!("rover_rs:\n  host_ip: \"{bad}\"\n"),
+            &["`rover_rs.host_ip`", &format!("`{bad}`"), "IPv4 or IPv6"],
         );
     }
 }

@@ -100,6 +100,11 @@ impl Kallsyms {
         }
     }
 
+    /// How many code symbols the table holds.
+    pub fn symbol_count(&self) -> usize {
+        self.symbols.len()
+    }
+
     pub fn load() -> io::Result<Self> {
         let file = std::fs::File::open(KALLSYMS)?;
         Self::parse(BufReader::with_capacity(64 * 1024, file))

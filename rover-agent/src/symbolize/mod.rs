@@ -81,6 +81,13 @@ use vdso::{VDSO_MODULE, VdsoSymbols};
 
 pub use process_table::{ProcessTable, ProcessTableStats};
 
+/// How many kernel code symbols `/proc/kallsyms` lists with their addresses, read as kernel
+/// frames are symbolized; an error when it shows no addresses (`kernel.kptr_restrict`, or no
+/// CAP_SYSLOG) or cannot be read. For `rover-agent check`.
+pub fn kernel_symbol_count() -> std::io::Result<usize> {
+    kernel::Kallsyms::load().map(|table| table.symbol_count())
+}
+
 /// A bound for the symbol cache that keeps a busy host's hot functions: 8 MiB.
 pub const DEFAULT_SYMBOL_CACHE_BYTES: usize = 8 << 20;
 

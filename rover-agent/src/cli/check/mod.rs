@@ -1,10 +1,17 @@
 //! `rover-agent check`: can this host run the agent? One verdict per requirement, with the fix.
+//! It covers what the DaemonSet (deploy/kubernetes) grants: the host's PID namespace, each
+//! capability, readable kernel symbols.
+
+mod capabilities;
+mod host_pid;
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use super::engine_args::EngineArgs;
-use crate::bpf::{HostCheck, check_host, check_privilege};
+use crate::bpf::{HostCheck, check_host, effective_capabilities};
+use capabilities::check_capabilities;
+use host_pid::check_host_pid;
 
 /// Oldest kernel with everything the programs use (`bpf_task_pt_regs`, the `prev_state`
 /// argument of the `sched_switch` BTF tracepoint (5.18), BTF-typed pointer loads).
@@ -22,10 +29,21 @@ pub(super) fn run(args: &EngineArgs) -> anyhow::Result<ExitCode> {
             result: btf(),
         },
         HostCheck {
-            name: "privileges",
-            result: privileges(),
+            name: "host PID ns",
+            result: check_host_pid(Path::new("/proc"), std::process::id()),
         },
     ];
+    match effective_capabilities() {
+        Ok(mask) => items.extend(check_capabilities(mask)),
+        Err(error) => items.push(HostCheck {
+            name: "capabilities",
+            result: Err(format!("cannot read them from /proc/self/status: {error}")),
+        }),
+    }
+    items.push(HostCheck {
+        name: "kernel symbols",
+        result: kernel_symbols(),
+    });
     items.extend(check_host(&config.profilers));
     let mut problems = 0;
     for item in &items {
@@ -80,18 +98,13 @@ fn btf() -> Result<String, String> {
     }
 }
 
-fn privileges() -> Result<String, String> {
-    let privilege =
-        check_privilege().map_err(|error| format!("cannot read capabilities: {error}"))?;
-    match privilege.missing() {
-        None => Ok(if privilege.cap_sys_admin {
-            "CAP_SYS_ADMIN".to_owned()
-        } else {
-            "CAP_BPF, CAP_PERFMON".to_owned()
-        }),
-        Some(missing) => Err(format!(
-            "{missing}: run as root or grant CAP_BPF and CAP_PERFMON \
-             (DaemonSet: securityContext.capabilities.add)"
+fn kernel_symbols() -> Result<String, String> {
+    match crate::symbolize::kernel_symbol_count() {
+        Ok(0) => Err("/proc/kallsyms lists no kernel functions: kernel frames stay unknown".into()),
+        Ok(count) => Ok(format!("/proc/kallsyms: {count} functions with addresses")),
+        Err(error) => Err(format!(
+            "{error}: kernel frames stay unknown; grant CAP_SYSLOG (DaemonSet: \
+             securityContext.capabilities.add: [SYSLOG])"
         )),
     }
 }
