@@ -167,6 +167,13 @@ fn probes_and_metrics_use_the_named_http_port() {
         let get = &container[probe]["httpGet"];
         assert_eq!(get["path"].as_str(), Some(path), "{probe}");
         assert_eq!(get["port"].as_str(), Some("http"), "{probe}");
+        // The endpoint gives the engine thread 2 s to answer (`task/http.rs`): kubelet's
+        // default of 1 s would fail a busy but healthy agent.
+        let timeout = container[probe]["timeoutSeconds"].as_u64().unwrap_or(1);
+        assert!(
+            timeout >= 3,
+            "{probe}: timeoutSeconds {timeout}, at least 3"
+        );
     }
     let annotations = &daemon_set["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"].as_str(), Some("true"));
