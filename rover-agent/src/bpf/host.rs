@@ -65,6 +65,18 @@ pub fn check_host(settings: &ProfilerSettings) -> Vec<HostCheck> {
     ]
 }
 
+/// Whether the programs load on this host, tried with the on-CPU sampler: it loads and attaches
+/// to every CPU's cpu-clock event, then is dropped (the node agent's readiness). The off-CPU
+/// tracer is left out: loading it parses the kernel's BTF (~20 MB of heap for a moment), which
+/// `rover-agent check` does.
+pub fn check_programs_load(settings: &ProfilerSettings) -> Result<(), String> {
+    let globals = Globals::new(settings);
+    let mut loader = loader(&globals);
+    Profiler::load(ProfilerKind::OnCpu, settings, &mut loader)
+        .map(drop)
+        .map_err(describe)
+}
+
 /// What each profiler's maps take with these settings, against the budget.
 fn memory(settings: &ProfilerSettings, cpus: u32) -> String {
     let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);

@@ -28,7 +28,7 @@ pub use engine::{
 };
 pub use error::Error;
 pub use events::{ChangedProcesses, ProcessChanges, ProcessEvent};
-pub use host::{HostCheck, check_host};
+pub use host::{HostCheck, check_host, check_programs_load};
 pub use memory::{DEFAULT_MAP_MEMORY_BYTES, MIN_MAP_MEMORY_BYTES, MapCapacity};
 pub use privilege::{Privilege, check_privilege, effective_capabilities, require_privilege};
 pub use process_cpu::{ProcessCpu, ProcessCpuList};

@@ -94,6 +94,12 @@ impl Agent {
         })
     }
 
+    /// Whether the programs load on this host (see [`crate::bpf::check_programs_load`]).
+    /// Blocking: it loads and attaches a profiler for a moment.
+    pub fn check_programs_load(&self) -> Result<(), String> {
+        crate::bpf::check_programs_load(&self.config.profilers)
+    }
+
     /// Starts recording `spec`; its windows go to `sink`.
     pub async fn start_task(
         &self,

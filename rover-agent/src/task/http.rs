@@ -5,8 +5,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -64,6 +64,8 @@ pub(super) struct EndpointState {
     pub runs: Arc<RunCounts>,
     /// Set once discovery has done its first scan (and listed pods and Services).
     pub discovery_synced: Arc<AtomicBool>,
+    /// Set once a profiler was loaded to check the programs load here (at start).
+    pub programs_load: Arc<OnceLock<Result<(), String>>>,
     /// The agent's loops: each must still run for the agent to be healthy.
     pub loops: Vec<(&'static str, AbortHandle)>,
 }
@@ -168,6 +170,7 @@ async fn respond(state: &EndpointState, request: &Request<Incoming>) -> Response
         Route::Ready => {
             let mut problems = liveness(state, engine.is_some());
             problems.extend(readiness(
+                state.programs_load.get(),
                 state.backend.call_stats().answered > 0,
                 state.discovery_synced.load(Ordering::Relaxed),
             ));
@@ -227,8 +230,17 @@ fn liveness(state: &EndpointState, engine_answers: bool) -> Vec<String> {
 /// OAP outage later leaves the agent ready, because readiness gates a DaemonSet's rolling
 /// update, and an outage would stall it on every node at once while the agent keeps
 /// profiling and buffering (the outage shows in `rover_backend_call_errors_total`).
-fn readiness(backend_answered: bool, discovery_synced: bool) -> Vec<String> {
+fn readiness(
+    programs_load: Option<&Result<(), String>>,
+    backend_answered: bool,
+    discovery_synced: bool,
+) -> Vec<String> {
     let mut waiting = Vec::new();
+    match programs_load {
+        None => waiting.push("programs: being loaded once to check they load here".to_owned()),
+        Some(Err(problem)) => waiting.push(format!("programs: they do not load: {problem}")),
+        Some(Ok(())) => {}
+    }
     if !backend_answered {
         waiting.push("backend: the OAP has not answered a call yet".to_owned());
     }
@@ -330,11 +342,23 @@ mod tests {
 
     #[tokio::test]
     async fn readiness_lists_what_it_waits_for() {
-        let response = report(&readiness(true, true));
+        let loaded = Ok(());
+        let response = report(&readiness(Some(&loaded), true, true));
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(body(response).await, "ok\n");
 
-        let response = report(&readiness(false, false));
+        let text = body(report(&readiness(None, true, true))).await;
+        assert!(text.contains("- programs: being loaded"), "{text}");
+        let failed = Err("missing privilege: this process lacks CAP_BPF".to_owned());
+        let response = report(&readiness(Some(&failed), true, true));
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let text = body(response).await;
+        assert!(
+            text.contains("- programs: they do not load: missing privilege"),
+            "{text}"
+        );
+
+        let response = report(&readiness(Some(&loaded), false, false));
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         let text = body(response).await;
         assert!(text.starts_with("not ready:\n"), "{text}");
@@ -347,7 +371,7 @@ mod tests {
             "{text}"
         );
 
-        let text = body(report(&readiness(true, false))).await;
+        let text = body(report(&readiness(Some(&loaded), true, false))).await;
         assert!(!text.contains("backend"), "{text}");
         assert!(text.contains("discovery"), "{text}");
     }

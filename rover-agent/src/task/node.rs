@@ -1,13 +1,13 @@
 //! Node agent mode: this host's processes reported to the OAP, the OAP's tasks run on the
 //! shared agent, their windows uploaded, until shutdown.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::Agent;
 use super::backend_tasks::BackendTasks;
@@ -51,6 +51,22 @@ pub async fn run_node(
     );
     let runs = Arc::new(RunCounts::default());
     let discovery_synced = Arc::new(AtomicBool::new(false));
+    // Readiness needs the programs to load here; the profilers themselves load when a task
+    // starts, so one is loaded once now, off the async threads.
+    let programs_load = Arc::new(OnceLock::new());
+    {
+        let agent = Arc::clone(&agent);
+        let programs_load = Arc::clone(&programs_load);
+        tokio::task::spawn_blocking(move || {
+            let loaded = agent.check_programs_load();
+            if let Err(problem) = &loaded {
+                error!(
+                    "the eBPF programs do not load on this host, profiling tasks will fail: {problem}"
+                );
+            }
+            let _ = programs_load.set(loaded);
+        });
+    }
     let sources = ProcessSources::start(sources, &agent).await?;
     let discovery = tokio::spawn(discover_and_report(
         reporter,
@@ -121,6 +137,7 @@ pub async fn run_node(
             directory: directory.clone(),
             runs,
             discovery_synced,
+            programs_load,
             loops,
         }),
         stop.clone(),
