@@ -65,6 +65,8 @@ pub async fn run_node(
                 );
             }
             let _ = programs_load.set(loaded);
+            // The object parsed to load it leaves freed heap behind.
+            crate::heap::release_freed_memory();
         });
     }
     let sources = ProcessSources::start(sources, &agent).await?;
