@@ -747,3 +747,41 @@ impl<T> TaskStorage<T> {
         unsafe { bpf_task_storage_delete(self.as_ptr(), task) == 0 }
     }
 }
+
+/// What the task iterators (`bin/tasks.rs`, `bin/process_cpu.rs`) share. Rust eBPF has no CO-RE
+/// relocations: offsets are globals set at load time from the kernel's BTF.
+pub mod task_iter {
+    use aya_ebpf::{Global, bindings::seq_file, helpers::bpf_probe_read_kernel};
+
+    /// `struct bpf_iter_meta`.
+    #[repr(C)]
+    pub struct IterMeta {
+        pub seq: *mut seq_file,
+        pub session_id: u64,
+        pub seq_num: u64,
+    }
+
+    /// `struct bpf_iter__task`: `task` is NULL once, after the last task.
+    #[repr(C)]
+    pub struct IterTask {
+        pub meta: *mut IterMeta,
+        pub task: *const u8,
+    }
+
+    /// A `T` at `offset` from `base`, read fault-tolerantly.
+    #[inline(always)]
+    pub fn read<T>(base: *const u8, offset: &Global<u32>) -> Option<T> {
+        // SAFETY: a fault-tolerant read at the offset the kernel's BTF gives.
+        unsafe { bpf_probe_read_kernel(base.wrapping_add(offset.load() as usize).cast::<T>()).ok() }
+    }
+
+    /// A task's pid and tgid: side by side in every kernel's `task_struct`, so one read.
+    #[inline(always)]
+    pub fn ids(task: *const u8, pid: &Global<u32>, tgid: &Global<u32>) -> Option<(u32, u32)> {
+        if tgid.load() == pid.load() + 4 {
+            read::<[u32; 2]>(task, pid).map(|[pid, tgid]| (pid, tgid))
+        } else {
+            read::<u32>(task, pid).zip(read::<u32>(task, tgid))
+        }
+    }
+}

@@ -20,6 +20,7 @@ mod process_cpu;
 mod profiler;
 mod program_runs;
 mod targets;
+mod task_iter;
 mod task_list;
 
 pub use counters::Counters;

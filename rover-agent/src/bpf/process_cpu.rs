@@ -3,22 +3,17 @@
 //! `stat` file per process).
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read as _;
-use std::mem::size_of;
 
+use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use aya::programs::Iter;
-use aya::{Btf, Ebpf, EbpfLoader};
 use rover_common::{PROCESS_CPU_WATCHED_MAX, ProcessCpuRecord};
 
-use super::profiler::{program, take};
-use super::{Error, kernel_btf, object};
+use super::profiler::take;
+use super::{Error, kernel_btf, object, task_iter};
 
 const OBJECT: &str = "process_cpu";
 const PROGRAM: &str = "process_cpu";
 const WATCHED_MAP: &str = "WATCHED";
-/// Read at a time: ~2,700 records.
-const CHUNK_BYTES: usize = 64 * 1024;
 
 /// A process as the kernel keeps it now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,44 +62,20 @@ impl ProcessCpuList {
         let task_sum_exec_runtime = se
             .zip(sum_exec_runtime)
             .and_then(|(se, runtime)| se.checked_add(runtime));
-        let globals = [
-            ("TASK_PID", pid),
-            ("TASK_TGID", tgid),
-            ("TASK_START_BOOTTIME", start_boottime),
-            ("TASK_SUM_EXEC_RUNTIME", task_sum_exec_runtime),
-            ("TASK_SIGNAL", signal),
-            ("SIGNAL_SUM_SCHED_RUNTIME", sum_sched_runtime),
-            ("SIGNAL_NR_THREADS", nr_threads),
-        ];
-        let mut offsets = Vec::with_capacity(globals.len());
-        for (name, offset) in globals {
-            let offset = offset.ok_or_else(|| {
-                Error::KernelLayout(format!("no member for the process-CPU program's `{name}`"))
-            })?;
-            offsets.push((name, offset));
-        }
-        let mut loader = EbpfLoader::new();
-        // Rust eBPF carries no CO-RE relocations: the loader's own BTF would only cost memory.
-        loader.btf(None);
-        for (name, offset) in &offsets {
-            loader.override_global(name, offset, true);
-        }
-        let mut ebpf = loader
-            .load(object::process_cpu()?)
-            .map_err(|source| Error::Load {
-                object: OBJECT,
-                source,
-            })?;
-        let btf = Btf::from_sys_fs().map_err(Error::KernelBtf)?;
-        let program: &mut Iter = program(&mut ebpf, OBJECT, PROGRAM)?;
-        program
-            .load("task", &btf)
-            .map_err(|source| Error::Program {
-                program: PROGRAM,
-                source,
-            })?;
-        drop(btf);
-        crate::heap::release_freed_memory();
+        let mut ebpf = task_iter::load(
+            OBJECT,
+            object::process_cpu()?,
+            PROGRAM,
+            &[
+                ("TASK_PID", pid),
+                ("TASK_TGID", tgid),
+                ("TASK_START_BOOTTIME", start_boottime),
+                ("TASK_SUM_EXEC_RUNTIME", task_sum_exec_runtime),
+                ("TASK_SIGNAL", signal),
+                ("SIGNAL_SUM_SCHED_RUNTIME", sum_sched_runtime),
+                ("SIGNAL_NR_THREADS", nr_threads),
+            ],
+        )?;
         let watched_map = take(&mut ebpf, OBJECT, WATCHED_MAP, BpfHashMap::try_from)?;
         Ok(Self {
             ebpf,
@@ -118,55 +89,32 @@ impl ProcessCpuList {
     /// the answer names no process. More than [`PROCESS_CPU_WATCHED_MAX`] pids is an error.
     pub fn read(&mut self, pids: &[u32]) -> Result<HashMap<u32, ProcessCpu>, Error> {
         self.watch(pids)?;
-        let program: &mut Iter = program(&mut self.ebpf, OBJECT, PROGRAM)?;
-        let program_error = |source| Error::Program {
-            program: PROGRAM,
-            source,
-        };
-        let link = program.attach().map_err(program_error)?;
-        let link = program.take_link(link).map_err(program_error)?;
-        let mut file = link
-            .into_file()
-            .map_err(|source| Error::ProcessCpuList(std::io::Error::other(source)))?;
-        let record_len = size_of::<ProcessCpuRecord>();
-        self.chunk.resize(CHUNK_BYTES, 0);
         let mut threads_runtime_ns: HashMap<u32, u64> = HashMap::with_capacity(pids.len());
         let mut leaders: HashMap<u32, ProcessCpu> = HashMap::with_capacity(pids.len());
-        let mut filled = 0;
-        loop {
-            let read = file
-                .read(&mut self.chunk[filled..])
-                .map_err(Error::ProcessCpuList)?;
-            filled += read;
-            let whole = filled - filled % record_len;
-            for bytes in self.chunk[..whole].chunks_exact(record_len) {
-                // SAFETY: one record as the program wrote it; every field is an integer (any
-                // bit pattern is valid), read unaligned from the byte buffer.
-                let record = unsafe { bytes.as_ptr().cast::<ProcessCpuRecord>().read_unaligned() };
-                if record.threads == 0 {
-                    let sum = threads_runtime_ns.entry(record.tgid).or_default();
-                    *sum = sum.saturating_add(record.runtime_ns);
-                } else {
-                    leaders.insert(
-                        record.tgid,
-                        ProcessCpu {
-                            runtime_ns: record.runtime_ns,
-                            threads: record.threads,
-                            start_boottime_ns: record.start_boottime_ns,
-                        },
-                    );
-                }
-            }
-            self.chunk.copy_within(whole..filled, 0);
-            filled -= whole;
-            if read == 0 {
-                break;
-            }
-        }
-        if filled != 0 {
-            return Err(Error::ProcessCpuList(std::io::Error::other(format!(
-                "the list ended inside a record ({filled} bytes left)"
-            ))));
+        // SAFETY: `ProcessCpuRecord` is what the program writes, integers only.
+        unsafe {
+            task_iter::run(
+                &mut self.ebpf,
+                OBJECT,
+                PROGRAM,
+                &mut self.chunk,
+                Error::ProcessCpuList,
+                |record: ProcessCpuRecord| {
+                    if record.threads == 0 {
+                        let sum = threads_runtime_ns.entry(record.tgid).or_default();
+                        *sum = sum.saturating_add(record.runtime_ns);
+                    } else {
+                        leaders.insert(
+                            record.tgid,
+                            ProcessCpu {
+                                runtime_ns: record.runtime_ns,
+                                threads: record.threads,
+                                start_boottime_ns: record.start_boottime_ns,
+                            },
+                        );
+                    }
+                },
+            )?;
         }
         // A process is its leader's record (a process whose leader thread exited keeps it, as a
         // zombie, until the last thread exits), plus its other threads' time.

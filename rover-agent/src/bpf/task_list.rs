@@ -2,27 +2,21 @@
 //! where its arguments are, in one read, for process discovery's full scans (procfs costs two
 //! files per process, and one more for the arguments).
 
-use std::fmt::Write as _;
-use std::io::Read;
-use std::mem::size_of;
-
-use aya::programs::Iter;
-use aya::{Btf, Ebpf, EbpfLoader};
 use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use aya::Ebpf;
 
 use rover_common::{
     TASK_CGROUP_LISTED_BEFORE, TASK_CGROUP_NAME_LEN, TASK_CGROUP_WHOLE, TaskCgroup, TaskRecord,
 };
 
-use super::profiler::program;
-use super::{Error, kernel_btf, object};
+use super::{Error, kernel_btf, object, task_iter};
 use crate::process::proc_files::Stat;
 use crate::process::{ListedProcess, ProcessList};
 
 const OBJECT: &str = "tasks";
 const PROGRAM: &str = "list_tasks";
-/// Read at a time: a few dozen records.
-const CHUNK_BYTES: usize = 64 * 1024;
 
 /// The loaded iterator; each [`ProcessList::list`] runs it once.
 pub struct TaskList {
@@ -105,56 +99,32 @@ impl TaskList {
         };
         let v1_index = u32::try_from(v1_index)
             .map_err(|_| Error::KernelLayout(format!("controller index {v1_index}")))?;
-        let globals = [
-            ("TASK_PID", pid),
-            ("TASK_TGID", tgid),
-            ("TASK_FLAGS", flags),
-            ("TASK_EXIT_STATE", exit_state),
-            ("TASK_START_BOOTTIME", start_boottime),
-            ("TASK_COMM", comm),
-            ("TASK_CGROUPS", cgroups),
-            ("TASK_MM", mm),
-            ("MM_ARG_START", arg_start),
-            ("MM_ARG_END", arg_end),
-            ("MM_EXE_FILE", exe_file),
-            ("CSS_SET_DFL_CGRP", dfl_cgrp),
-            ("CSS_SET_SUBSYS", subsys),
-            ("CSS_CGROUP", css_cgroup),
-            ("CGROUP_KN", cgroup_kn),
-            ("KN_ID", kn_id),
-            ("KN_NAME", kn_name),
-            ("KN_PARENT", kn_parent.or(kn_old_parent)),
-        ];
-        let mut offsets = Vec::with_capacity(globals.len());
-        for (name, offset) in globals {
-            let offset = offset.ok_or_else(|| {
-                Error::KernelLayout(format!("no member for the program's `{name}`"))
-            })?;
-            offsets.push((name, offset));
-        }
-        let mut loader = EbpfLoader::new();
-        // Rust eBPF carries no CO-RE relocations: the loader's own BTF would only cost memory.
-        loader.btf(None);
-        for (name, offset) in &offsets {
-            loader.override_global(name, offset, true);
-        }
-        loader.override_global("V1_SUBSYS", &v1_index, true);
-        let mut ebpf = loader
-            .load(object::tasks()?)
-            .map_err(|source| Error::Load {
-                object: OBJECT,
-                source,
-            })?;
-        let btf = Btf::from_sys_fs().map_err(Error::KernelBtf)?;
-        let program: &mut Iter = program(&mut ebpf, OBJECT, PROGRAM)?;
-        program
-            .load("task", &btf)
-            .map_err(|source| Error::Program {
-                program: PROGRAM,
-                source,
-            })?;
-        drop(btf);
-        crate::heap::release_freed_memory();
+        let ebpf = task_iter::load(
+            OBJECT,
+            object::tasks()?,
+            PROGRAM,
+            &[
+                ("TASK_PID", pid),
+                ("TASK_TGID", tgid),
+                ("TASK_FLAGS", flags),
+                ("TASK_EXIT_STATE", exit_state),
+                ("TASK_START_BOOTTIME", start_boottime),
+                ("TASK_COMM", comm),
+                ("TASK_CGROUPS", cgroups),
+                ("TASK_MM", mm),
+                ("MM_ARG_START", arg_start),
+                ("MM_ARG_END", arg_end),
+                ("MM_EXE_FILE", exe_file),
+                ("CSS_SET_DFL_CGRP", dfl_cgrp),
+                ("CSS_SET_SUBSYS", subsys),
+                ("CSS_CGROUP", css_cgroup),
+                ("CGROUP_KN", cgroup_kn),
+                ("KN_ID", kn_id),
+                ("KN_NAME", kn_name),
+                ("KN_PARENT", kn_parent.or(kn_old_parent)),
+                ("V1_SUBSYS", Some(v1_index)),
+            ],
+        )?;
         // SAFETY: sysconf has no preconditions.
         let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         let ns_per_tick = u64::try_from(ticks_per_second)
@@ -177,68 +147,52 @@ impl TaskList {
 
     /// Every process, as the kernel lists it now.
     fn records(&mut self) -> Result<Vec<ListedProcess>, Error> {
-        let program: &mut Iter = program(&mut self.ebpf, OBJECT, PROGRAM)?;
-        let program_error = |source| Error::Program {
-            program: PROGRAM,
-            source,
-        };
-        let link = program.attach().map_err(program_error)?;
-        let link = program.take_link(link).map_err(program_error)?;
-        let mut file = link
-            .into_file()
-            .map_err(|source| Error::TaskList(std::io::Error::other(source)))?;
-        let record_len = size_of::<TaskRecord>();
-        self.chunk.resize(CHUNK_BYTES.max(record_len), 0);
+        let (ns_per_tick, v1_controller) = (self.ns_per_tick, self.v1_controller);
         let mut processes = Vec::new();
         // The paths of this listing's cgroups, by id: a cgroup's is in its first record only.
         let mut paths = HashMap::new();
-        let mut filled = 0;
-        loop {
-            let read = file
-                .read(&mut self.chunk[filled..])
-                .map_err(Error::TaskList)?;
-            filled += read;
-            let whole = filled - filled % record_len;
-            for bytes in self.chunk[..whole].chunks_exact(record_len) {
-                // SAFETY: one record as the program wrote it; every field is an integer (any
-                // bit pattern is valid), read unaligned from the byte buffer.
-                let record = unsafe { bytes.as_ptr().cast::<TaskRecord>().read_unaligned() };
-                processes.push(self.listed(&record, &mut paths));
-            }
-            self.chunk.copy_within(whole..filled, 0);
-            filled -= whole;
-            if read == 0 {
-                break;
-            }
-        }
-        if filled != 0 {
-            return Err(Error::TaskList(std::io::Error::other(format!(
-                "the list ended inside a record ({filled} bytes left)"
-            ))));
+        // SAFETY: `TaskRecord` is what the program writes, integers only.
+        unsafe {
+            task_iter::run(
+                &mut self.ebpf,
+                OBJECT,
+                PROGRAM,
+                &mut self.chunk,
+                Error::TaskList,
+                |record: TaskRecord| {
+                    processes.push(listed(&record, ns_per_tick, v1_controller, &mut paths));
+                },
+            )?;
         }
         Ok(processes)
     }
+}
 
-    fn listed(&self, record: &TaskRecord, paths: &mut HashMap<u64, String>) -> ListedProcess {
-        let comm_len = record
-            .comm
-            .iter()
-            .position(|&byte| byte == 0)
-            .unwrap_or(record.comm.len());
-        let stat = Stat {
-            comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
-            // Only "gone or not" matters to a scan.
-            state: if record.exit_state != 0 { 'Z' } else { 'S' },
-            flags: u64::from(record.flags),
-            start_time: record.start_boottime_ns / self.ns_per_tick,
-        };
-        ListedProcess {
-            pid: record.pid,
-            stat,
-            cgroup_file: cgroup_file(&record.cgroups, self.v1_controller, paths),
-            arguments: record.arg_start..record.arg_end,
-            has_exe_file: record.has_exe_file != 0,
-        }
+/// A record as discovery takes it.
+fn listed(
+    record: &TaskRecord,
+    ns_per_tick: u64,
+    v1_controller: &str,
+    paths: &mut HashMap<u64, String>,
+) -> ListedProcess {
+    let comm_len = record
+        .comm
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(record.comm.len());
+    let stat = Stat {
+        comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
+        // Only "gone or not" matters to a scan.
+        state: if record.exit_state != 0 { 'Z' } else { 'S' },
+        flags: u64::from(record.flags),
+        start_time: record.start_boottime_ns / ns_per_tick,
+    };
+    ListedProcess {
+        pid: record.pid,
+        stat,
+        cgroup_file: cgroup_file(&record.cgroups, v1_controller, paths),
+        arguments: record.arg_start..record.arg_end,
+        has_exe_file: record.has_exe_file != 0,
     }
 }
 

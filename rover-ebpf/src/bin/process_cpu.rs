@@ -12,16 +12,11 @@
 #![no_main]
 
 use aya_ebpf::{
-    Global,
-    bindings::{BPF_F_NO_PREALLOC, seq_file},
-    cty::c_void,
-    helpers::{bpf_probe_read_kernel, generated::bpf_seq_write},
-    macros::map,
-    maps::HashMap,
+    Global, bindings::BPF_F_NO_PREALLOC, cty::c_void, helpers::generated::bpf_seq_write,
+    macros::map, maps::HashMap,
 };
 use rover_common::{PROCESS_CPU_WATCHED_MAX, ProcessCpuRecord};
-// Its panic handler.
-use rover_ebpf as _;
+use rover_ebpf::task_iter::{IterTask, ids, read};
 
 // `task_struct` members; `TASK_SUM_EXEC_RUNTIME` is `se.sum_exec_runtime`.
 #[unsafe(no_mangle)]
@@ -46,27 +41,6 @@ static SIGNAL_NR_THREADS: Global<u32> = Global::new(0);
 static WATCHED: HashMap<u32, u8> =
     HashMap::with_max_entries(PROCESS_CPU_WATCHED_MAX, BPF_F_NO_PREALLOC);
 
-/// `struct bpf_iter_meta`.
-#[repr(C)]
-struct IterMeta {
-    seq: *mut seq_file,
-    session_id: u64,
-    seq_num: u64,
-}
-
-/// `struct bpf_iter__task`: `task` is NULL once, after the last task.
-#[repr(C)]
-struct IterTask {
-    meta: *mut IterMeta,
-    task: *const u8,
-}
-
-#[inline(always)]
-fn read<T>(base: *const u8, offset: &Global<u32>) -> Option<T> {
-    // SAFETY: a fault-tolerant read at the offset the kernel's BTF gives.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset.load() as usize).cast::<T>()).ok() }
-}
-
 /// Lists one thread when its process is watched.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
@@ -80,12 +54,7 @@ pub extern "C" fn process_cpu(ctx: *mut c_void) -> i32 {
     if task.is_null() {
         return 0;
     }
-    // Side by side in every kernel's `task_struct`: one read, made for every thread.
-    let ids = if TASK_TGID.load() == TASK_PID.load() + 4 {
-        read::<[u32; 2]>(task, &TASK_PID).map(|[pid, tgid]| (pid, tgid))
-    } else {
-        read::<u32>(task, &TASK_PID).zip(read::<u32>(task, &TASK_TGID))
-    };
+    let ids = ids(task, &TASK_PID, &TASK_TGID);
     let Some((pid, tgid)) = ids else {
         return 0;
     };

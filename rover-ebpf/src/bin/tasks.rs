@@ -9,7 +9,6 @@
 
 use aya_ebpf::{
     Global,
-    bindings::seq_file,
     cty::c_void,
     helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated::bpf_seq_write},
     macros::map,
@@ -19,8 +18,7 @@ use rover_common::{
     TASK_CGROUP_CUT, TASK_CGROUP_DEPTH, TASK_CGROUP_LISTED_BEFORE, TASK_CGROUP_NAME_LEN,
     TASK_CGROUP_WHOLE, TaskCgroup, TaskRecord,
 };
-// Its panic handler.
-use rover_ebpf as _;
+use rover_ebpf::task_iter::{IterTask, ids, read};
 
 // `task_struct` members.
 #[unsafe(no_mangle)]
@@ -81,27 +79,6 @@ static SCRATCH: PerCpuArray<TaskRecord> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static LISTED_CGROUPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
-/// `struct bpf_iter_meta`.
-#[repr(C)]
-struct IterMeta {
-    seq: *mut seq_file,
-    session_id: u64,
-    seq_num: u64,
-}
-
-/// `struct bpf_iter__task`: `task` is NULL once, after the last task.
-#[repr(C)]
-struct IterTask {
-    meta: *mut IterMeta,
-    task: *const u8,
-}
-
-#[inline(always)]
-fn read<T>(base: *const u8, offset: &Global<u32>) -> Option<T> {
-    // SAFETY: a fault-tolerant read at the offset the kernel's BTF gives.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset.load() as usize).cast::<T>()).ok() }
-}
-
 /// The path of the cgroup `cgroup` (a `struct cgroup *`), innermost name first, unless an
 /// earlier record of listing `session` held it.
 #[inline(always)]
@@ -157,12 +134,7 @@ pub extern "C" fn list_tasks(ctx: *mut c_void) -> i32 {
     if task.is_null() {
         return 0;
     }
-    // Side by side in every kernel's `task_struct`: one read, made for every thread.
-    let ids = if TASK_TGID.load() == TASK_PID.load() + 4 {
-        read::<[u32; 2]>(task, &TASK_PID).map(|[pid, tgid]| (pid, tgid))
-    } else {
-        read::<u32>(task, &TASK_PID).zip(read::<u32>(task, &TASK_TGID))
-    };
+    let ids = ids(task, &TASK_PID, &TASK_TGID);
     let Some((pid, tgid)) = ids else {
         return 0;
     };
