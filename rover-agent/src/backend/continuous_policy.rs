@@ -498,23 +498,14 @@ fn whole_number(key: &str, value: Option<&Value>) -> Result<u32, String> {
 
 #[cfg(test)]
 mod tests {
-    use rover_proto::v3::{Command, KeyStringValuePair};
     use serde_json::json;
 
     use super::*;
+    use crate::backend::task_command::tests::command;
 
     fn reply(name: &str, args: &[(&str, &str)]) -> Commands {
         Commands {
-            commands: vec![Command {
-                command: name.to_owned(),
-                args: args
-                    .iter()
-                    .map(|(key, value)| KeyStringValuePair {
-                        key: (*key).to_owned(),
-                        value: (*value).to_owned(),
-                    })
-                    .collect(),
-            }],
+            commands: vec![command(name, args)],
         }
     }
 

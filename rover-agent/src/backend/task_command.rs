@@ -397,14 +397,15 @@ pub async fn query_tasks(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use rover_proto::v3::KeyStringValuePair;
 
     use super::*;
 
     const START_MS: i64 = 1_700_000_000_000;
 
-    fn command(name: &str, args: &[(&str, &str)]) -> Command {
+    /// A command as the OAP sends it (also the continuous-profiling replies' tests').
+    pub(in crate::backend) fn command(name: &str, args: &[(&str, &str)]) -> Command {
         Command {
             command: name.to_owned(),
             args: args

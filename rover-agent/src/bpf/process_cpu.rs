@@ -10,6 +10,7 @@ use rover_common::{PROCESS_CPU_WATCHED_MAX, ProcessCpuRecord};
 
 use super::profiler::take;
 use super::{Error, kernel_btf, object, task_iter};
+use crate::process::proc_files::ns_per_tick;
 
 const OBJECT: &str = "process_cpu";
 const PROGRAM: &str = "process_cpu";
@@ -22,8 +23,8 @@ pub struct ProcessCpu {
     /// add up to, in nanoseconds).
     pub runtime_ns: u64,
     pub threads: u32,
-    /// Nanoseconds after boot (`stat`'s `starttime` is this in clock ticks).
-    pub start_boottime_ns: u64,
+    /// Clock ticks after boot, as `stat`'s `starttime` (a reused pid has another).
+    pub start_time: u64,
 }
 
 /// The loaded iterator and the processes it lists.
@@ -32,6 +33,8 @@ pub struct ProcessCpuList {
     watched_map: BpfHashMap<MapData, u32, u8>,
     /// What `watched_map` holds.
     watched: HashSet<u32>,
+    /// Nanoseconds per clock tick, the unit of `stat`'s start time.
+    ns_per_tick: u64,
     chunk: Vec<u8>,
 }
 
@@ -81,6 +84,7 @@ impl ProcessCpuList {
             ebpf,
             watched_map,
             watched: HashSet::new(),
+            ns_per_tick: ns_per_tick(),
             chunk: Vec::new(),
         })
     }
@@ -91,6 +95,7 @@ impl ProcessCpuList {
         self.watch(pids)?;
         let mut threads_runtime_ns: HashMap<u32, u64> = HashMap::with_capacity(pids.len());
         let mut leaders: HashMap<u32, ProcessCpu> = HashMap::with_capacity(pids.len());
+        let ns_per_tick = self.ns_per_tick;
         // SAFETY: `ProcessCpuRecord` is what the program writes, integers only.
         unsafe {
             task_iter::run(
@@ -109,7 +114,7 @@ impl ProcessCpuList {
                             ProcessCpu {
                                 runtime_ns: record.runtime_ns,
                                 threads: record.threads,
-                                start_boottime_ns: record.start_boottime_ns,
+                                start_time: record.start_boottime_ns / ns_per_tick,
                             },
                         );
                     }

@@ -12,7 +12,7 @@ use rover_common::{
 };
 
 use super::{Error, kernel_btf, object, task_iter};
-use crate::process::proc_files::Stat;
+use crate::process::proc_files::{Stat, ns_per_tick};
 use crate::process::{ListedProcess, ProcessList};
 
 const OBJECT: &str = "tasks";
@@ -125,15 +125,9 @@ impl TaskList {
                 ("V1_SUBSYS", Some(v1_index)),
             ],
         )?;
-        // SAFETY: sysconf has no preconditions.
-        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        let ns_per_tick = u64::try_from(ticks_per_second)
-            .ok()
-            .filter(|ticks| *ticks > 0)
-            .map_or(10_000_000, |ticks| 1_000_000_000 / ticks);
         let mut list = Self {
             ebpf,
-            ns_per_tick,
+            ns_per_tick: ns_per_tick(),
             v1_controller,
             chunk: Vec::new(),
         };

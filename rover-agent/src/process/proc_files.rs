@@ -31,6 +31,11 @@ pub(crate) const PF_KTHREAD: u64 = 0x0020_0000;
 /// `/proc/PID/stat`: `pid (comm) state ppid … flags(9) … starttime(22)`; comm may hold spaces
 /// and parentheses, so fields are counted from its last `)`. `None` when the process vanished
 /// or the file is not in that form.
+/// Nanoseconds per clock tick (`USER_HZ`), the unit of `stat`'s times.
+pub(crate) fn ns_per_tick() -> u64 {
+    1_000_000_000 / procfs::ticks_per_second().max(1)
+}
+
 pub(crate) fn read_stat(proc_dir: &Path) -> Option<Stat> {
     let text = fs::read_to_string(proc_dir.join("stat")).ok()?;
     let (comm, fields) = split_stat(&text)?;

@@ -10,7 +10,7 @@ use std::time::Instant;
 use tracing::warn;
 
 use crate::bpf::ProcessCpuList;
-use crate::process::proc_files::split_stat;
+use crate::process::proc_files::{ns_per_tick, split_stat};
 
 /// Why a reading failed. A process that exited shows as [`SampleError::process_gone`].
 #[derive(Debug, thiserror::Error)]
@@ -121,18 +121,12 @@ impl ProcReader {
     }
 }
 
-/// `USER_HZ` as nanoseconds per clock tick, the unit of `stat`'s times.
-fn ns_per_tick() -> u64 {
-    1_000_000_000 / procfs::ticks_per_second().max(1)
-}
-
 /// What the agent's checker reads: every watched process in one read of the kernel's
 /// process-CPU iterator (loaded at the first sample), or `/proc/PID/stat` per process when the
 /// iterator cannot be loaded or fails (then for good, said once), and `/proc/loadavg`.
 pub struct HostReadings {
     list: KernelList,
     proc: ProcReader,
-    ns_per_tick: u64,
 }
 
 enum KernelList {
@@ -146,7 +140,6 @@ impl HostReadings {
         Self {
             list: KernelList::NotLoaded,
             proc: ProcReader::new("/proc"),
-            ns_per_tick: ns_per_tick(),
         }
     }
 
@@ -181,7 +174,7 @@ impl HostReadings {
                                 .map(|process| ProcessStat {
                                     cpu_ns: process.runtime_ns,
                                     threads: u64::from(process.threads),
-                                    start_time: process.start_boottime_ns / self.ns_per_tick,
+                                    start_time: process.start_time,
                                 })
                                 .ok_or(SampleError::NotListed { pid })
                         })

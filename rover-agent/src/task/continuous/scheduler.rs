@@ -82,8 +82,7 @@ pub(crate) struct Scheduler {
     checked: HashMap<u32, Checked>,
     triggers: Triggers,
     runs: HashMap<TriggerKey, TriggeredRun>,
-    /// Whether the last call of each kind failed: a failing streak is logged once.
-    failing: HashSet<&'static str>,
+    calls: OapCalls,
     /// Triggers waiting for a run to end under `max_triggered_runs`, logged once each.
     waiting_at_cap: HashSet<TriggerKey>,
 }
@@ -110,7 +109,7 @@ impl Scheduler {
             checked: HashMap::new(),
             triggers,
             runs: HashMap::new(),
-            failing: HashSet::new(),
+            calls: OapCalls::default(),
             waiting_at_cap: HashSet::new(),
         }
     }
@@ -162,22 +161,6 @@ impl Scheduler {
         }
     }
 
-    /// Logs a failed call once per failing streak (later failures at debug level).
-    fn note<T, E: std::fmt::Display>(&mut self, call: &'static str, result: &Result<T, E>) {
-        match result {
-            Ok(_) => {
-                self.failing.remove(call);
-            }
-            Err(error) => {
-                if self.failing.insert(call) {
-                    warn!("continuous profiling: {error}; retried at the next check");
-                } else {
-                    debug!("continuous profiling: {error}");
-                }
-            }
-        }
-    }
-
     async fn poll_policies(&mut self) {
         let services: HashSet<String> = self
             .directory
@@ -189,13 +172,14 @@ impl Scheduler {
         if query.is_empty() {
             return;
         }
-        let reply = bounded(
-            self.config.policy_interval,
-            "queryPolicies",
-            query_policies(&self.backend, query),
-        )
-        .await;
-        self.note("queryPolicies", &reply);
+        let reply = self
+            .calls
+            .call(
+                "queryPolicies",
+                self.config.policy_interval,
+                query_policies(&self.backend, query),
+            )
+            .await;
         if let Ok(Some(reply)) = reply
             && self.policies.apply(reply)
         {
@@ -286,13 +270,14 @@ impl Scheduler {
                 fired.target,
             );
             let (pid, process_id) = (fired.pid, checked.process_id.clone());
-            let task_id = bounded(
-                self.config.check_interval,
-                "reportProfilingTask",
-                report_profiling_task(&self.backend, report),
-            )
-            .await;
-            self.note("reportProfilingTask", &task_id);
+            let task_id = self
+                .calls
+                .call(
+                    "reportProfilingTask",
+                    self.config.check_interval,
+                    report_profiling_task(&self.backend, report),
+                )
+                .await;
             let Ok(task_id) = task_id else {
                 continue;
             };
@@ -363,13 +348,14 @@ impl Scheduler {
                 i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
             });
         let meters = encode_meters(&self.config.meter_prefix, timestamp_ms, values);
-        let sent = bounded(
-            self.config.check_interval,
-            "collectBatch",
-            report_meters(&self.backend, meters),
-        )
-        .await;
-        self.note("collectBatch", &sent);
+        self.calls
+            .call(
+                "collectBatch",
+                self.config.check_interval,
+                report_meters(&self.backend, meters),
+            )
+            .await
+            .ok();
     }
 }
 
@@ -383,15 +369,36 @@ fn next_due(due: Instant, interval: Duration, now: Instant) -> Instant {
     due + interval.saturating_mul(steps)
 }
 
-/// A call that did not answer within `limit` fails (it is retried at the next poll or check).
-async fn bounded<T, E: std::fmt::Display>(
-    limit: Duration,
-    call: &'static str,
-    future: impl Future<Output = Result<T, E>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(limit, future).await {
-        Ok(result) => result.map_err(|error| error.to_string()),
-        Err(_) => Err(format!("{call} got no answer within {limit:?}")),
+/// The scheduler's calls to the OAP: each bounded in time (one that does not answer fails, and
+/// is retried at the next poll or check), a failing streak of each logged once.
+#[derive(Default)]
+struct OapCalls {
+    /// The calls whose last attempt failed.
+    failing: HashSet<&'static str>,
+}
+
+impl OapCalls {
+    async fn call<T, E: std::fmt::Display>(
+        &mut self,
+        call: &'static str,
+        limit: Duration,
+        future: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, String> {
+        let result = match tokio::time::timeout(limit, future).await {
+            Ok(result) => result.map_err(|error| error.to_string()),
+            Err(_) => Err(format!("{call} got no answer within {limit:?}")),
+        };
+        match &result {
+            Ok(_) => {
+                self.failing.remove(call);
+            }
+            // Later failures of a streak at debug level.
+            Err(error) if self.failing.insert(call) => {
+                warn!("continuous profiling: {error}; retried at the next check");
+            }
+            Err(error) => debug!("continuous profiling: {error}"),
+        }
+        result
     }
 }
 
