@@ -954,6 +954,65 @@ async fn host_processes_and_processes_of_no_pod_on_this_node_are_not_reported_as
     .check(&recorded, &agent_host_ip(), &node.context(&agent));
 }
 
+/// A process of a pod that a host rule matches too is two entities, as in Rover: the pod's
+/// and the host rule's. Each source keeps its own: when the pod goes, the host rule's entity
+/// stays alive.
+#[tokio::test]
+async fn a_pods_process_a_host_rule_matches_is_reported_by_both_and_outlives_its_pod() {
+    let Some(_lock) = prerequisites(
+        "a_pods_process_a_host_rule_matches_is_reported_by_both_and_outlives_its_pod",
+    ) else {
+        return;
+    };
+    let mut node = Node::start();
+    let pod = TestPod::new("shop", "both-0", "10.244.7.71")
+        .container("app", CgroupLayout::ContainerdSystemd);
+    node.kube.apply_pod(pod.pod());
+    let tag = token("both");
+    let pid = node.run_in(&pod, "app", sleep(616).arg0(&tag));
+    let rule = HostRule::new(&format!("^{tag} "), "e2e-host");
+    let mut agent = NodeAgent::start(&node.config(vec![rule]), &[]);
+    let in_pod = |names: &Names| names.1 == "both-0";
+    let by_rule = |names: &Names| names.0 == "e2e-host";
+    node.wait(&agent, "a keepAlive of both entities", WAIT, |r| {
+        reported(r, &[pid])
+            && host_pids(r).contains(&pid_i32(pid))
+            && heartbeats(r)
+                .iter()
+                .any(|h| h.keep_alive && h.names.iter().any(in_pod) && h.names.iter().any(by_rule))
+    })
+    .await;
+
+    let deleted = heartbeat_calls(&node.oap.recorded());
+    node.kube
+        .delete_pod("shop", "both-0")
+        .expect("the pod existed");
+    let recorded = node
+        .wait(&agent, "three heartbeats after the deletion", WAIT, |r| {
+            heartbeats(r).len() >= deleted + 3
+        })
+        .await;
+    agent.assert_running(&node.oap);
+    let context = node.context(&agent);
+    let after = &heartbeats(&recorded)[deleted + 1..];
+    for heartbeat in after {
+        assert!(
+            !heartbeat.names.iter().any(in_pod),
+            "a heartbeat after the deletion still has the pod's entity: {heartbeat:?}\n{context}"
+        );
+    }
+    assert!(
+        after
+            .iter()
+            .filter(|h| h.keep_alive)
+            .all(|h| h.names.iter().any(by_rule))
+            && after.iter().any(|h| h.keep_alive),
+        "the host rule's entity of pid {pid} is no longer kept alive once its pod went: \
+         {after:?}\n{context}"
+    );
+    assert!(rover_agent::process::is_alive(pid), "pid {pid} exited");
+}
+
 #[tokio::test]
 async fn an_api_server_down_at_start_leaves_host_rules_working_and_its_pods_are_found_once_it_is_up()
  {

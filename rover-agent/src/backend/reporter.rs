@@ -2,7 +2,7 @@
 //! heartbeat, re-report everything every `properties_report_period` heartbeats and after the OAP
 //! was unreachable (it may have restarted and forgotten them).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -25,7 +25,7 @@ const SUPPORT_EBPF_PROFILING: &str = "support_ebpf_profiling";
 /// included): what tasks name, and what continuous profiling checks.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessDirectory {
-    ids: Arc<RwLock<HashMap<String, Arc<ProcessEntity>>>>,
+    ids: Arc<RwLock<HashMap<Arc<str>, Arc<ProcessEntity>>>>,
     /// Processes the reporter holds (found by discovery), reported or not yet.
     found: Arc<AtomicUsize>,
 }
@@ -58,15 +58,15 @@ impl ProcessDirectory {
             |_| Vec::new(),
             |ids| {
                 ids.iter()
-                    .map(|(id, entity)| (id.clone(), Arc::clone(entity)))
+                    .map(|(id, entity)| (id.to_string(), Arc::clone(entity)))
                     .collect()
             },
         )
     }
 
-    fn set(&self, id: String, entity: &ProcessEntity) {
+    fn set(&self, id: Arc<str>, entity: Arc<ProcessEntity>) {
         if let Ok(mut ids) = self.ids.write() {
-            ids.insert(id, Arc::new(entity.clone()));
+            ids.insert(id, entity);
         }
     }
 
@@ -77,22 +77,27 @@ impl ProcessDirectory {
     }
 }
 
-/// One local process and what the OAP knows of it.
+/// One local process and what the OAP knows of it; the entity and id are shared with the
+/// directory (one copy of each for thousands of processes).
 #[derive(Debug)]
 struct Reported {
-    entity: ProcessEntity,
+    entity: Arc<ProcessEntity>,
     /// The OAP's id, once a report reply named it.
-    id: Option<String>,
+    id: Option<Arc<str>>,
     /// Not (or not certainly) known to the OAP: reported at the next heartbeat.
     to_report: bool,
 }
+
+/// A process as one source found it: a process matched by a host rule and in a pod is two
+/// entities to the OAP (as in Rover), each kept and removed by its own source.
+type ProcessKey = (u32, ProcessOrigin);
 
 pub struct ProcessReporter {
     backend: Backend,
     agent_id: String,
     /// Every this many heartbeats, all processes are reported with full properties.
     full_report_every: u64,
-    processes: BTreeMap<u32, Reported>,
+    processes: BTreeMap<ProcessKey, Reported>,
     heartbeats: u64,
     directory: ProcessDirectory,
 }
@@ -114,13 +119,14 @@ impl ProcessReporter {
         }
     }
 
-    /// A process to report from the next heartbeat on (replacing what `pid` was).
+    /// A process to report from the next heartbeat on (replacing what its source found at
+    /// `pid` before).
     pub fn added(&mut self, entity: ProcessEntity) {
-        self.removed(entity.pid);
+        self.removed(entity.origin, entity.pid);
         self.processes.insert(
-            entity.pid,
+            (entity.pid, entity.origin),
             Reported {
-                entity,
+                entity: Arc::new(entity),
                 id: None,
                 to_report: true,
             },
@@ -130,9 +136,9 @@ impl ProcessReporter {
             .store(self.processes.len(), Ordering::Relaxed);
     }
 
-    /// A process that exited (or no longer matches): no longer kept alive.
-    pub fn removed(&mut self, pid: u32) {
-        if let Some(Reported { id: Some(id), .. }) = self.processes.remove(&pid) {
+    /// A process `origin` found that exited (or no longer matches): no longer kept alive.
+    pub fn removed(&mut self, origin: ProcessOrigin, pid: u32) {
+        if let Some(Reported { id: Some(id), .. }) = self.processes.remove(&(pid, origin)) {
             self.directory.remove(&id);
         }
         self.directory
@@ -151,27 +157,28 @@ impl ProcessReporter {
     }
 
     async fn exchange(&mut self, full: bool) -> Result<(), Error> {
-        let to_report: Vec<u32> = self
+        let to_report: Vec<ProcessKey> = self
             .processes
             .iter()
             .filter(|(_, process)| full || process.to_report)
-            .map(|(&pid, _)| pid)
+            .map(|(&key, _)| key)
             .collect();
         for chunk in to_report.chunks(REPORT_CHUNK) {
             self.report(chunk).await?;
         }
+        let reported_now: BTreeSet<ProcessKey> = to_report.into_iter().collect();
         let alive: Vec<EbpfProcessPingPkg> = self
             .processes
-            .values()
-            .filter(|process| process.id.is_some() && !to_report.contains(&process.entity.pid))
-            .map(|process| EbpfProcessPingPkg {
+            .iter()
+            .filter(|(key, process)| process.id.is_some() && !reported_now.contains(key))
+            .map(|(_, process)| EbpfProcessPingPkg {
                 entity_metadata: Some(entity_metadata(&process.entity)),
                 // The OAP merges properties: the one that gates profiling is enough here.
                 properties: process
                     .entity
                     .properties
                     .iter()
-                    .filter(|(key, _)| key == SUPPORT_EBPF_PROFILING)
+                    .filter(|(key, _)| *key == SUPPORT_EBPF_PROFILING)
                     .map(|(key, value)| pair(key, value))
                     .collect(),
             })
@@ -192,10 +199,10 @@ impl ProcessReporter {
         Ok(())
     }
 
-    async fn report(&mut self, pids: &[u32]) -> Result<(), Error> {
-        let processes = pids
+    async fn report(&mut self, keys: &[ProcessKey]) -> Result<(), Error> {
+        let processes = keys
             .iter()
-            .filter_map(|pid| self.processes.get(pid))
+            .filter_map(|key| self.processes.get(key))
             .map(|process| {
                 let entity = &process.entity;
                 let (entity_meta, pid, properties) = (
@@ -238,13 +245,13 @@ impl ProcessReporter {
             .await;
         let reply = self.backend.outcome("reportProcesses", reply)?.into_inner();
         let matched = self.match_reply(&reply);
-        for pid in pids {
-            if let Some(process) = self.processes.get_mut(pid) {
-                process.to_report = !matched.contains(pid);
+        for key in keys {
+            if let Some(process) = self.processes.get_mut(key) {
+                process.to_report = !matched.contains(key);
             }
         }
         info!(
-            reported = pids.len(),
+            reported = keys.len(),
             matched = matched.len(),
             "reported processes to the OAP"
         );
@@ -252,8 +259,8 @@ impl ProcessReporter {
     }
 
     /// Gives each local process the OAP id its reply names (matched by pid and entity); returns
-    /// the pids matched.
-    fn match_reply(&mut self, reply: &EbpfReportProcessDownstream) -> HashSet<u32> {
+    /// the processes matched.
+    fn match_reply(&mut self, reply: &EbpfReportProcessDownstream) -> HashSet<ProcessKey> {
         let mut matched = HashSet::new();
         for downstream in &reply.processes {
             let (pid, entity) = match &downstream.process {
@@ -268,18 +275,24 @@ impl ProcessReporter {
             let (Ok(pid), Some(entity)) = (u32::try_from(pid), entity) else {
                 continue;
             };
-            let Some(process) = self.processes.get_mut(&pid) else {
+            if downstream.process_id.is_empty() {
+                continue;
+            }
+            // By pid and entity, whichever source found it (the reply's kind is not trusted).
+            let identity = identity(entity);
+            let Some((&key, process)) = self
+                .processes
+                .range_mut((pid, ProcessOrigin::Host)..=(pid, ProcessOrigin::Kubernetes))
+                .find(|(_, process)| process.entity.identity() == identity)
+            else {
                 continue;
             };
-            if downstream.process_id.is_empty() || process.entity.identity() != identity(entity) {
-                continue;
-            }
-            if let Some(old) = process.id.replace(downstream.process_id.clone()) {
+            let id: Arc<str> = Arc::from(downstream.process_id.as_str());
+            if let Some(old) = process.id.replace(Arc::clone(&id)) {
                 self.directory.remove(&old);
             }
-            self.directory
-                .set(downstream.process_id.clone(), &process.entity);
-            matched.insert(pid);
+            self.directory.set(id, Arc::clone(&process.entity));
+            matched.insert(key);
         }
         matched
     }
@@ -393,7 +406,7 @@ mod tests {
             ],
         };
         let matched = reporter.match_reply(&reply);
-        assert_eq!(matched, HashSet::from([10]));
+        assert_eq!(matched, HashSet::from([(10, ProcessOrigin::Host)]));
         assert_eq!(directory.pid("id-10"), Some(10));
         assert_eq!(directory.pid("id-11"), None);
         assert_eq!(directory.pid("id-12"), None);
@@ -402,8 +415,67 @@ mod tests {
         assert_eq!(reported[0].0, "id-10");
         assert_eq!(*reported[0].1, entity(10, "app"));
         // An exited process leaves the directory: tasks can no longer name it.
-        reporter.removed(10);
+        reporter.removed(ProcessOrigin::Host, 10);
         assert_eq!(directory.pid("id-10"), None);
         assert!(directory.reported().is_empty());
+    }
+
+    /// A pid a host rule and a pod both found: two entities, each matched to its own id and
+    /// removed only by its own source.
+    #[tokio::test]
+    async fn a_process_found_by_both_sources_is_two_entities() {
+        let directory = ProcessDirectory::default();
+        let mut reporter = reporter(directory.clone());
+        let host = entity(10, "app");
+        let pod = ProcessEntity::kubernetes(
+            10,
+            EntityNames {
+                layer: "K8S_SERVICE".to_owned(),
+                service_name: "shop".to_owned(),
+                instance_name: "shop-0".to_owned(),
+                process_name: "app".to_owned(),
+                labels: Vec::new(),
+            },
+            None,
+            "10.0.0.1".parse().expect("an address"),
+            crate::process::PodPlacement {
+                pod_ip: "10.1.0.9",
+                pod_name: "shop-0",
+                container_name: "app",
+            },
+            "app --serve",
+            true,
+        );
+        reporter.added(host.clone());
+        reporter.added(pod.clone());
+        assert_eq!(directory.counts().found, 2);
+        let mut pod_reply = downstream("id-pod", 10, "app", &[]);
+        if let Some(ebpf_process_downstream::Process::HostProcess(found)) = &mut pod_reply.process
+            && let Some(meta) = &mut found.entity_metadata
+        {
+            meta.layer = "K8S_SERVICE".to_owned();
+            meta.service_name = "shop".to_owned();
+            meta.instance_name = "shop-0".to_owned();
+        }
+        let reply = EbpfReportProcessDownstream {
+            processes: vec![downstream("id-host", 10, "app", &["a", "b"]), pod_reply],
+        };
+        assert_eq!(
+            reporter.match_reply(&reply),
+            HashSet::from([(10, ProcessOrigin::Host), (10, ProcessOrigin::Kubernetes)])
+        );
+        let mut reported = directory.reported();
+        reported.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(reported.len(), 2);
+        assert_eq!(
+            (reported[0].0.as_str(), &*reported[0].1),
+            ("id-host", &host)
+        );
+        assert_eq!((reported[1].0.as_str(), &*reported[1].1), ("id-pod", &pod));
+        // The pod went away; the host rule still matches.
+        reporter.removed(ProcessOrigin::Kubernetes, 10);
+        assert_eq!(directory.pid("id-pod"), None);
+        assert_eq!(directory.pid("id-host"), Some(10));
+        assert_eq!(directory.counts().found, 1);
     }
 }

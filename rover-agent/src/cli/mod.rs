@@ -41,6 +41,7 @@ pub enum Command {
 
 /// Parses the command line, runs it and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
+    crate::heap::use_one_arena();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Profile(args) => {

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 /// Where a process was found; the backend reports each kind in its own protocol one-of
 /// (`hostProcess` or `k8sProcess`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProcessOrigin {
     /// Matched by a host rule (`process_discovery.scanner.regex[]`).
     Host,
@@ -49,7 +49,7 @@ pub struct ProcessEntity {
     pub process_name: String,
     pub labels: Vec<String>,
     /// Key/value properties in the order the protocol lists them.
-    pub properties: Vec<(String, String)>,
+    pub properties: Vec<(&'static str, String)>,
 }
 
 /// What a backend reply names a process by: matched, together with the pid, against the
@@ -79,10 +79,10 @@ impl ProcessEntity {
         profilable: bool,
     ) -> Self {
         let properties = vec![
-            ("host_ip".to_owned(), host_ip.to_string()),
-            ("pid".to_owned(), pid.to_string()),
-            ("command_line".to_owned(), command_line.to_owned()),
-            ("support_ebpf_profiling".to_owned(), profilable.to_string()),
+            ("host_ip", host_ip.to_string()),
+            ("pid", pid.to_string()),
+            ("command_line", command_line.to_owned()),
+            ("support_ebpf_profiling", profilable.to_string()),
         ];
         Self {
             pid,
@@ -109,16 +109,13 @@ impl ProcessEntity {
         profilable: bool,
     ) -> Self {
         let properties = vec![
-            ("host_ip".to_owned(), host_ip.to_string()),
-            ("container_ip".to_owned(), placement.pod_ip.to_owned()),
-            (
-                "container_name".to_owned(),
-                placement.container_name.to_owned(),
-            ),
-            ("pod_name".to_owned(), placement.pod_name.to_owned()),
-            ("pid".to_owned(), pid.to_string()),
-            ("command_line".to_owned(), command_line.to_owned()),
-            ("support_ebpf_profiling".to_owned(), profilable.to_string()),
+            ("host_ip", host_ip.to_string()),
+            ("container_ip", placement.pod_ip.to_owned()),
+            ("container_name", placement.container_name.to_owned()),
+            ("pod_name", placement.pod_name.to_owned()),
+            ("pid", pid.to_string()),
+            ("command_line", command_line.to_owned()),
+            ("support_ebpf_profiling", profilable.to_string()),
         ];
         Self {
             pid,
@@ -199,7 +196,7 @@ mod tests {
         let properties: Vec<(&str, &str)> = entity
             .properties
             .iter()
-            .map(|(key, value)| (key.as_str(), value.as_str()))
+            .map(|(key, value)| (*key, value.as_str()))
             .collect();
         assert_eq!(
             properties,

@@ -568,7 +568,7 @@ mod tests {
         let properties: Vec<(&str, &str)> = shop
             .properties
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .map(|(k, v)| (*k, v.as_str()))
             .collect();
         assert_eq!(
             properties,
@@ -727,7 +727,7 @@ mod tests {
         assert_eq!(pids(&changes), [30]);
         assert_eq!(
             changes.added[0].properties[3],
-            ("support_ebpf_profiling".to_owned(), "false".to_owned())
+            ("support_ebpf_profiling", "false".to_owned())
         );
         assert_eq!(scanner.scan(None).unwrap(), ScanChanges::default());
     }

@@ -44,11 +44,6 @@ pub struct Task {
 impl Agent {
     /// Starts the agent's threads; nothing is loaded into the kernel until a task starts.
     pub fn start(config: AgentConfig) -> anyhow::Result<Self> {
-        // One heap for the agent's few threads: glibc's per-thread arenas keep what a thread
-        // freed (a profiler's load, a task's symbol caches) out of reach of malloc_trim, so an
-        // agent back to idle would keep the memory of its busiest moment.
-        // SAFETY: mallopt only sets an allocator parameter.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
         let processes = ProcessTable::new(config.exited_process_grace);
         let active = ActiveTasks::default();
         let (collector, collected) = mpsc::channel();

@@ -16,7 +16,7 @@ use crate::backend::{Backoff, ProcessReporter};
 use crate::bpf::{ProcessChanges, TaskList};
 use crate::heap::release_freed_memory;
 use crate::process::kubernetes::{ApiServer, KubernetesDiscovery, PodWatch};
-use crate::process::{HostRuleScanner, ScanChanges};
+use crate::process::{HostRuleScanner, ProcessEntity, ProcessOrigin, ScanChanges};
 
 /// How often processes are scanned when no host rules give a period.
 pub const DEFAULT_SCAN_PERIOD: Duration = Duration::from_secs(3);
@@ -141,7 +141,7 @@ impl ProcessSources {
     }
 
     /// One scan of every source. Blocking.
-    fn scan(&mut self) -> ScanChanges {
+    fn scan(&mut self) -> SourceChanges {
         let marked_before = self.marked_since_scan.replace(HashSet::new());
         let changed = self
             .changed()
@@ -150,10 +150,10 @@ impl ProcessSources {
                 changed.extend(before);
                 changed
             });
-        let mut all = ScanChanges::default();
+        let mut all = SourceChanges::default();
         if let Some(scanner) = &mut self.host_rules {
             match scanner.scan(changed.as_ref()) {
-                Ok(changes) => merge(&mut all, changes),
+                Ok(changes) => all.merge(ProcessOrigin::Host, changes),
                 Err(error) => warn!("scanning host processes: {error}"),
             }
         }
@@ -163,7 +163,7 @@ impl ProcessSources {
             // The first scan reads every process: marks before it say nothing of them.
             let changed = changed.as_ref().filter(|_| self.kubernetes_scanned);
             match discovery.scan(&watch.snapshot(), changed) {
-                Ok(changes) => merge(&mut all, changes),
+                Ok(changes) => all.merge(ProcessOrigin::Kubernetes, changes),
                 Err(error) => warn!("scanning the processes of pods: {error}"),
             }
             self.kubernetes_scanned = true;
@@ -198,18 +198,18 @@ impl ProcessSources {
     /// After the pods or Services changed: the changes of the pods' processes, without a pass
     /// over `/proc`. Blocking. The processes the kernel marked meanwhile are read first (a new pod's processes exec'd
     /// just before its containers' ids came): the marks are kept for the next scan.
-    fn pods_changed(&mut self) -> ScanChanges {
+    fn pods_changed(&mut self) -> SourceChanges {
         if !self.kubernetes_scanned {
             // The first naming of the pods' processes is a scan (none is known yet).
             return if self.may_name_pods() {
                 self.scan()
             } else {
-                ScanChanges::default()
+                SourceChanges::default()
             };
         }
         let changed = self.changed();
         let Some((discovery, watch)) = &mut self.kubernetes else {
-            return ScanChanges::default();
+            return SourceChanges::default();
         };
         if let Some(changed) = &changed {
             discovery.read_marked(changed);
@@ -218,7 +218,12 @@ impl ProcessSources {
             (Some(marked), Some(changed)) => marked.extend(changed),
             (marked, _) => *marked = None,
         }
-        discovery.pods_changed(&watch.snapshot())
+        let mut all = SourceChanges::default();
+        all.merge(
+            ProcessOrigin::Kubernetes,
+            discovery.pods_changed(&watch.snapshot()),
+        );
+        all
     }
 
     /// The processes the kernel marked since the last scan; `None` when it cannot tell.
@@ -239,11 +244,20 @@ impl ProcessSources {
     }
 }
 
-/// Both sources' changes: a pid is found by one source at most (host rules skip nothing of
-/// pods, so a process matching both is reported by each; the later report wins in the reporter).
-fn merge(all: &mut ScanChanges, changes: ScanChanges) {
-    all.removed.extend(changes.removed);
-    all.added.extend(changes.added);
+/// Both sources' changes. A process matching a host rule and in a pod is found by each, and
+/// reported by each as its own entity (as Rover does); each source removes only its own.
+#[derive(Default)]
+struct SourceChanges {
+    added: Vec<ProcessEntity>,
+    removed: Vec<(ProcessOrigin, u32)>,
+}
+
+impl SourceChanges {
+    fn merge(&mut self, origin: ProcessOrigin, changes: ScanChanges) {
+        self.removed
+            .extend(changes.removed.into_iter().map(|pid| (origin, pid)));
+        self.added.extend(changes.added);
+    }
 }
 
 /// What the discovery loop asks of the sources.
@@ -255,8 +269,6 @@ enum Pass {
     PodsChanged,
 }
 
-/// Runs `pass` on the sources off the async threads and hands the changes to the reporter;
-/// `None` when the pass panicked (discovery is off then).
 /// Runs one pass and hands its changes to the reporter. Returns the sources (`None` once a pass
 /// panicked) and how many processes were added.
 async fn run_pass(
@@ -288,8 +300,8 @@ async fn run_pass(
         );
     }
     // A pid in both lists was replaced (reused, exec, renamed).
-    for pid in changes.removed {
-        reporter.removed(pid);
+    for (origin, pid) in changes.removed {
+        reporter.removed(origin, pid);
     }
     let added = changes.added.len();
     for entity in changes.added {

@@ -432,7 +432,7 @@ impl KubernetesDiscovery {
                     .in_container(id)
                     .iter()
                     .filter_map(|&pid| {
-                        let process = self.processes.get(pid)?.container.as_ref()?;
+                        let process = self.processes.get(pid)?.container.as_deref()?;
                         let named = process
                             .named
                             .as_ref()
@@ -515,7 +515,7 @@ impl KubernetesDiscovery {
                 let Some(ContainerProcess {
                     named: Some((generation, Some(names))),
                     ..
-                }) = &known.container
+                }) = known.container.as_deref()
                 else {
                     continue;
                 };

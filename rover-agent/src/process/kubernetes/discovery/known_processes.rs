@@ -29,8 +29,10 @@ pub(super) struct KnownProcess {
     pub(super) start_time: u64,
     comm: String,
     kernel_thread: bool,
-    /// `None`: not in a container (a host process or a kernel thread).
-    pub(super) container: Option<ContainerProcess>,
+    /// `None`: not in a container (a host process or a kernel thread). Boxed: most of a
+    /// node's processes are not in a pod's container, and the map of all of them holds a slot
+    /// per process (and as many empty ones).
+    pub(super) container: Option<Box<ContainerProcess>>,
 }
 
 pub(super) struct ContainerProcess {
@@ -368,14 +370,14 @@ fn read_process(proc_root: &Path, cgroups: &mut CgroupReader, job: Job) -> Outco
                 .filter(|old| old.id == id && old.command_line == command_line)
                 .map(|old| (old.named.clone(), old.renders.clone()))
                 .unwrap_or_default();
-            Some(ContainerProcess {
+            Some(Box::new(ContainerProcess {
                 exe_name: exe_name(&stat.comm, command_line.argv0()),
                 id,
                 command_line,
                 profilable: exe_opens || can_open_exe(&proc_dir),
                 named,
                 renders,
-            })
+            }))
         }
         None => None,
     };

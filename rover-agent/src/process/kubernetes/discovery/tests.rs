@@ -160,7 +160,7 @@ fn every_process_of_a_pod_s_container_is_reported_with_its_pod_and_unique_names(
     let properties: Vec<(&str, &str)> = first
         .properties
         .iter()
-        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .map(|(key, value)| (*key, value.as_str()))
         .collect();
     assert_eq!(
         properties,
@@ -294,7 +294,7 @@ fn a_pod_change_looks_at_that_pod_only_and_reads_no_process() {
     assert_eq!(changes.added.len(), 1);
     assert_eq!(
         changes.added[0].properties[1],
-        ("container_ip".to_owned(), "10.1.2.4".to_owned())
+        ("container_ip", "10.1.2.4".to_owned())
     );
 
     // The same snapshot again: nothing.
@@ -456,7 +456,7 @@ fn many_processes_read_and_named_on_several_threads_are_all_found() {
         assert!(
             entity
                 .properties
-                .contains(&("container_name".to_owned(), expected.to_owned())),
+                .contains(&("container_name", expected.to_owned())),
             "{entity:?}"
         );
     }
@@ -523,7 +523,7 @@ fn a_list_s_processes_are_taken_as_listed_and_those_it_leaves_out_read_from_proc
     let command_line = changes.added[0]
         .properties
         .iter()
-        .find(|(key, _)| key == "command_line")
+        .find(|(key, _)| *key == "command_line")
         .map(|(_, value)| value.as_str());
     assert_eq!(command_line, Some("/app/server"), "read from `cmdline`");
 
