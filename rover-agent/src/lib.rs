@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bpf;
 pub mod cli;
 pub mod config;
+mod error_chain;
 mod heap;
 pub mod metrics;
 pub mod process;

@@ -72,15 +72,8 @@ impl Error {
 /// A status with what caused it (tonic says "transport error"; the cause says which: refused
 /// connection, an unknown certificate issuer, ...).
 fn describe(status: &tonic::Status) -> String {
-    let mut text = format!("{} ({:?})", status.message(), status.code());
-    let mut source = std::error::Error::source(status);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
+    crate::error_chain::with_causes(
+        format!("{} ({:?})", status.message(), status.code()),
+        std::error::Error::source(status),
+    )
 }

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::{debug, info, warn};
 
+use crate::error_chain::chain;
+
 pub(super) struct Reachability {
     server: String,
     failing: AtomicBool,
@@ -53,22 +55,6 @@ impl Reachability {
     pub(super) fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
     }
-}
-
-/// An error and its causes ("failed to start watching object: client error (Connect): tcp
-/// connect error: Connection refused"), each once.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -158,24 +144,5 @@ mod tests {
         let reachability = Reachability::new("http://127.0.0.1:1/".to_owned());
         assert!(!reachability.answered());
         assert!(!reachability.failing());
-    }
-
-    #[test]
-    fn the_chain_names_each_cause_once() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("failed to start watching object: client error (Connect)")]
-        struct Outer(#[source] io::Error);
-        assert_eq!(
-            chain(&Outer(refused())),
-            "failed to start watching object: client error (Connect): tcp connect error: \
-             Connection refused"
-        );
-        #[derive(Debug, thiserror::Error)]
-        #[error("watch failed: {0}")]
-        struct Repeating(#[source] io::Error);
-        assert_eq!(
-            chain(&Repeating(refused())),
-            "watch failed: tcp connect error: Connection refused"
-        );
     }
 }

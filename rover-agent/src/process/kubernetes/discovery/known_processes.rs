@@ -197,26 +197,40 @@ impl KnownProcesses {
         &mut self,
         use_list: bool,
     ) -> Result<Vec<(u32, Option<ListedProcess>)>, DiscoveryError> {
+        let proc_root = &self.proc_root;
+        // The kernel's list and the proc root's entries side by side: each is milliseconds of
+        // system calls for thousands of processes.
+        let (listing, pids) = std::thread::scope(|scope| {
+            let listing = self
+                .list
+                .as_mut()
+                .filter(|_| use_list)
+                .map(|list| scope.spawn(move || list.list()));
+            let pids = proc_pids(proc_root);
+            let listing = listing.map(|thread| {
+                thread
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the listing thread panicked")))
+            });
+            (listing, pids)
+        });
         let mut listed: HashMap<u32, ListedProcess> = HashMap::new();
-        if use_list && let Some(list) = &mut self.list {
-            match list.list() {
-                Ok(processes) => {
-                    listed.extend(processes.into_iter().map(|process| (process.pid, process)));
-                }
-                Err(error) => {
-                    warn!("listing processes through the kernel failed, procfs is read: {error:#}");
-                    self.list = None;
-                }
+        match listing {
+            Some(Ok(processes)) => {
+                listed.extend(processes.into_iter().map(|process| (process.pid, process)));
             }
+            Some(Err(error)) => {
+                warn!("listing processes through the kernel failed, procfs is read: {error:#}");
+                self.list = None;
+            }
+            None => {}
         }
-        let entries =
-            fs::read_dir(&self.proc_root).map_err(|source| DiscoveryError::ListProcesses {
+        Ok(pids
+            .map_err(|source| DiscoveryError::ListProcesses {
                 path: self.proc_root.clone(),
                 source,
-            })?;
-        Ok(entries
-            .flatten()
-            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            })?
+            .into_iter()
             .map(|pid| (pid, listed.remove(&pid)))
             .collect())
     }
@@ -301,6 +315,14 @@ impl KnownProcesses {
         }
         outcomes
     }
+}
+
+/// The pids in `proc_root`.
+fn proc_pids(proc_root: &Path) -> std::io::Result<Vec<u32>> {
+    Ok(fs::read_dir(proc_root)?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .collect())
 }
 
 /// Reads one process: its `stat`, and unless it is a kernel thread its cgroup; and for a process
