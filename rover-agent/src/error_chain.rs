@@ -29,12 +29,7 @@ mod tests {
 
     use super::*;
 
-    fn refused() -> io::Error {
-        io::Error::new(
-            io::ErrorKind::ConnectionRefused,
-            "tcp connect error: Connection refused",
-        )
-    }
+    const REFUSED: &str = "tcp connect error: Connection refused";
 
     #[test]
     fn each_cause_is_named_once() {
@@ -42,7 +37,7 @@ mod tests {
         #[error("failed to start watching object: client error (Connect)")]
         struct Outer(#[source] io::Error);
         assert_eq!(
-            chain(&Outer(refused())),
+            chain(&Outer(io::Error::other(REFUSED))),
             "failed to start watching object: client error (Connect): tcp connect error: \
              Connection refused"
         );
@@ -50,7 +45,7 @@ mod tests {
         #[error("watch failed: {0}")]
         struct Repeating(#[source] io::Error);
         assert_eq!(
-            chain(&Repeating(refused())),
+            chain(&Repeating(io::Error::other(REFUSED))),
             "watch failed: tcp connect error: Connection refused"
         );
     }

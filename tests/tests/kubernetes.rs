@@ -287,6 +287,28 @@ impl Node {
         pid
     }
 
+    /// Deletes pod `namespace/name` and waits for three heartbeats after; returns them, the
+    /// first left out (it may come before the agent saw the deletion).
+    async fn delete_pod_and_wait(
+        &self,
+        agent: &NodeAgent,
+        namespace: &str,
+        name: &str,
+    ) -> Vec<Heartbeat> {
+        let deleted = heartbeat_calls(&self.oap.recorded());
+        self.kube
+            .delete_pod(namespace, name)
+            .expect("the pod existed");
+        let recorded = self
+            .wait(agent, "three heartbeats after the deletion", WAIT, |r| {
+                heartbeats(r).len() >= deleted + 3
+            })
+            .await;
+        let mut after = heartbeats(&recorded);
+        after.drain(..=deleted);
+        after
+    }
+
     async fn wait(
         &self,
         agent: &NodeAgent,
@@ -835,19 +857,10 @@ async fn a_deleted_pods_processes_are_no_longer_kept_alive() {
     .await;
 
     // The processes stay; their pod goes.
-    let deleted = heartbeat_calls(&node.oap.recorded());
-    node.kube
-        .delete_pod("shop", "goes-0")
-        .expect("the pod existed");
-    let recorded = node
-        .wait(&agent, "three heartbeats after the deletion", WAIT, |r| {
-            heartbeats(r).len() >= deleted + 3
-        })
-        .await;
+    let after = node.delete_pod_and_wait(&agent, "shop", "goes-0").await;
     agent.assert_running(&node.oap);
     let context = node.context(&agent);
-    // The first heartbeat after the deletion may come before the agent saw it.
-    for heartbeat in &heartbeats(&recorded)[deleted + 1..] {
+    for heartbeat in &after {
         assert!(
             heartbeat.names.is_disjoint(&goes_names),
             "a heartbeat after the deletion still has the deleted pod's processes: \
@@ -983,19 +996,10 @@ async fn a_pods_process_a_host_rule_matches_is_reported_by_both_and_outlives_its
     })
     .await;
 
-    let deleted = heartbeat_calls(&node.oap.recorded());
-    node.kube
-        .delete_pod("shop", "both-0")
-        .expect("the pod existed");
-    let recorded = node
-        .wait(&agent, "three heartbeats after the deletion", WAIT, |r| {
-            heartbeats(r).len() >= deleted + 3
-        })
-        .await;
+    let after = node.delete_pod_and_wait(&agent, "shop", "both-0").await;
     agent.assert_running(&node.oap);
     let context = node.context(&agent);
-    let after = &heartbeats(&recorded)[deleted + 1..];
-    for heartbeat in after {
+    for heartbeat in &after {
         assert!(
             !heartbeat.names.iter().any(in_pod),
             "a heartbeat after the deletion still has the pod's entity: {heartbeat:?}\n{context}"
